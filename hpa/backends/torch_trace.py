@@ -1,0 +1,403 @@
+"""Turn a ``torch.nn.Module`` into a :class:`~hpa.graph.ConvGraph` by tracing one forward pass.
+
+A ``TorchFunctionMode`` sees every torch function called on data derived from
+the dummy input.  Conv and linear calls become layers, read straight from the
+call's arguments (so a weight computed on the fly, as in weight-standardised
+convs, is the weight that is analysed); every other call becomes an op node.
+Predecessors, the ops between layers, BatchNorm folding and the activation
+that follows each layer are then read off that dataflow graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+from hpa.errors import LoadError, UnsupportedModelError
+from hpa.fold import fold_batchnorm
+from hpa.graph import INPUT, ConvGraph, Layer, Skipped
+
+_LAYER_SIGNATURES = {
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv3d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose1d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "conv_transpose2d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "conv_transpose3d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "linear": ("input", "weight", "bias"),
+}
+_BATCH_NORM_SIGNATURE = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+# torch function name (in-place "_" and dunder stripped) -> activation name
+ACTIVATIONS = {
+    "relu": "relu", "leaky_relu": "leaky_relu", "prelu": "prelu", "relu6": "relu6",
+    "silu": "silu", "gelu": "gelu", "hardswish": "hardswish", "sigmoid": "sigmoid",
+    "tanh": "tanh", "elu": "elu", "selu": "selu", "celu": "celu", "mish": "mish",
+    "softplus": "softplus", "hardsigmoid": "hardsigmoid", "hardtanh": "hardtanh",
+    "rrelu": "rrelu", "glu": "glu", "softsign": "softsign", "logsigmoid": "logsigmoid",
+}
+# Ops that pass a tensor on unchanged at inference time.
+TRANSPARENT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+               "identity", "contiguous", "clone", "detach", "to", "float", "type_as"}
+
+# Module classes traced as a whole: class -> converter(module, name, input, output) -> Layer.
+_MODULE_CONVERTERS: dict[type, Callable[..., Layer]] = {}
+
+
+def register_module_converter(cls: type, converter: Callable[..., Layer]) -> None:
+    """Treat modules of ``cls`` as one layer, built by ``converter(module, name, x, y)``.
+
+    Used for layers whose maths is not a single conv call, such as the
+    channel-wise-ReLU conv of seed 000 eq. (4).
+    """
+    _MODULE_CONVERTERS[cls] = converter
+
+
+@dataclass(eq=False)
+class _Node:
+    id: int
+    op: str  # "input", "layer", or a normalized op name
+    inputs: list[_Node] = field(default_factory=list)
+    layer: Layer | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class _Tracer(TorchFunctionMode):
+    def __init__(self, module_names: dict[int, str], param_names: dict[int, str]) -> None:
+        super().__init__()
+        self.module_names = module_names
+        self.param_names = param_names
+        self.nodes: list[_Node] = []
+        self.node_of: dict[int, _Node] = {}
+        self.keep: list[torch.Tensor] = []  # holds traced tensors so their ids stay unique
+        self.stack: list[torch.nn.Module] = []
+        self.opaque_depth = 0
+        self.used_names: dict[str, int] = {}
+        self.seen_weights: set[int] = set()
+
+    # -- bookkeeping -----------------------------------------------------------
+    def new_node(self, op: str, inputs: list[_Node], **kw: Any) -> _Node:
+        node = _Node(len(self.nodes), op, inputs, **kw)
+        self.nodes.append(node)
+        return node
+
+    def tag(self, value: Any, node: _Node) -> None:
+        for tensor in _tensors(value):
+            self.node_of[id(tensor)] = node
+            self.keep.append(tensor)
+
+    def sources(self, args: Any, kwargs: Any) -> list[_Node]:
+        found = []
+        for tensor in _tensors((args, kwargs)):
+            node = self.node_of.get(id(tensor))
+            if node is not None and node not in found:
+                found.append(node)
+        return found
+
+    def unique_name(self, name: str) -> str:
+        count = self.used_names.get(name, 0) + 1
+        self.used_names[name] = count
+        return name if count == 1 else f"{name}#{count}"
+
+    # -- module hooks ------------------------------------------------------------
+    def pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        self.stack.append(module)
+        if type(module) in _MODULE_CONVERTERS:
+            self.opaque_depth += 1
+
+    def post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+        converter = _MODULE_CONVERTERS.get(type(module))
+        if converter is None:
+            return
+        self.opaque_depth -= 1
+        if self.opaque_depth:
+            return
+        name = self.unique_name(self.module_names.get(id(module), type(module).__name__))
+        layer = converter(module, name, args[0], output)
+        self.seen_weights.update(id(p) for p in module.parameters())
+        node = self.new_node("layer", self.sources(args, {}), layer=layer)
+        self.tag(output, node)
+
+    # -- every torch function ------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.opaque_depth:
+            return out
+        inputs = self.sources(args, kwargs)
+        if not inputs or next(_tensors(out), None) is None:
+            return out
+        op = _op_name(func)
+        if op in _LAYER_SIGNATURES:
+            node = self.layer_node(op, args, kwargs, inputs, out)
+        else:
+            node = self.new_node(op, inputs, args=_op_args(op, args, kwargs))
+        self.tag(out, node)
+        return out
+
+    def layer_node(self, kind, args, kwargs, inputs, out) -> _Node:
+        bound = _bind(_LAYER_SIGNATURES[kind], args, kwargs)
+        x, weight = bound["input"], bound["weight"]
+        self.seen_weights.add(id(weight))
+        name = self.param_names.get(id(weight))
+        if name is None:
+            owner = self.stack[-1] if self.stack else None
+            name = self.module_names.get(id(owner), kind) if owner is not None else kind
+        name = self.unique_name(name)
+        layer = _make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
+        data_input = self.node_of.get(id(x))
+        return self.new_node("layer", [data_input] if data_input else [], layer=layer)
+
+
+def trace_module(
+    model: torch.nn.Module,
+    input_size: tuple[int, ...],
+    *,
+    fold_bn: bool = True,
+    source: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> ConvGraph:
+    """Trace ``model`` on one dummy input of ``input_size`` (no batch dim)."""
+    model = model.eval()
+    module_names = {id(m): n for n, m in model.named_modules()}
+    param_names = {id(p): n.rsplit(".", 1)[0] if n.endswith(".weight") else n
+                   for n, p in model.named_parameters()}
+    tracer = _Tracer(module_names, param_names)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn((1, *input_size), generator=generator).to(dtype)
+    root = tracer.new_node("input", [])
+    tracer.tag(x, root)
+    handles = [
+        torch.nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook),
+        torch.nn.modules.module.register_module_forward_hook(tracer.post_hook),
+    ]
+    try:
+        with torch.no_grad(), tracer:
+            model(x)
+    except Exception as exc:
+        size = "x".join(str(s) for s in input_size)
+        raise LoadError(
+            f"the forward pass on a dummy {size} input failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --input-size C,H,W matching the model"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = _finish(tracer.nodes, fold_bn)
+    skipped = _unused_layers(model, tracer.seen_weights)
+    if not layers:
+        raise UnsupportedModelError(
+            "the model has no conv or linear layers that run in its forward pass; hpa analyses conv networks"
+        )
+    return ConvGraph(layers, source=dict(source or {}), skipped=skipped, input_shape=tuple(input_size))
+
+
+# -- building layers ---------------------------------------------------------------
+
+def _make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape) -> Layer:
+    weight = to_numpy(bound["weight"])
+    bias = bound.get("bias")
+    if kind == "linear":
+        return Layer(name=name, index=0, kind=kind, weight=weight,
+                     bias=None if bias is None else to_numpy(bias), stride=(), padding=(),
+                     dilation=(), groups=1, input_shape=in_shape, output_shape=out_shape)
+    dims = weight.ndim - 2
+    transposed = kind.startswith("conv_transpose")
+    padding = bound.get("padding", 0)
+    dilation = _tuple(bound.get("dilation", 1), dims)
+    if isinstance(padding, str):
+        padding = _string_padding(padding, weight.shape[2:], dilation)
+    else:
+        padding = tuple((p, p) for p in _tuple(padding, dims))
+    return Layer(
+        name=name, index=0, kind=kind, weight=weight,
+        bias=None if bias is None else to_numpy(bias),
+        stride=_tuple(bound.get("stride", 1), dims), padding=padding, dilation=dilation,
+        groups=int(bound.get("groups", 1)),
+        output_padding=_tuple(bound.get("output_padding", 0), dims) if transposed else None,
+        input_shape=in_shape, output_shape=out_shape,
+    )
+
+
+def _string_padding(mode: str, kernel, dilation) -> tuple[tuple[int, int], ...]:
+    if mode == "valid":
+        return tuple((0, 0) for _ in kernel)
+    # PyTorch's "same" puts the odd extra pixel at the end.
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return tuple((t // 2, t - t // 2) for t in totals)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (no copy for float32/float64)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+# -- reading the dataflow graph ------------------------------------------------------
+
+def _finish(nodes: list[_Node], fold_bn: bool) -> list[Layer]:
+    consumers: dict[int, list[_Node]] = {n.id: [] for n in nodes}
+    for node in nodes:
+        for source in node.inputs:
+            consumers[source.id].append(node)
+    alias: dict[int, _Node] = {}  # op node id -> layer node it stands for (folded BN)
+    layers = []
+    for node in nodes:
+        if node.layer is None:
+            continue
+        layer = node.layer
+        layer.index = len(layers)
+        layers.append(layer)
+        end = node
+        nxt = consumers[node.id]
+        if fold_bn and len(nxt) == 1 and _foldable(nxt[0]):
+            _fold_into(layer, nxt[0])
+            alias[nxt[0].id] = node
+            end = nxt[0]
+        layer.activation, layer.activation_params = _activation_after(end, consumers, fold_bn)
+    for node in nodes:
+        if node.layer is not None:
+            node.layer.predecessors, node.layer.via = _predecessors(node, alias)
+    return layers
+
+
+def _foldable(node: _Node) -> bool:
+    args = node.args
+    return (node.op == "batch_norm" and len(node.inputs) == 1 and not args.get("training")
+            and args.get("running_mean") is not None and args.get("running_var") is not None)
+
+
+def _fold_into(layer: Layer, bn: _Node) -> None:
+    a = {k: to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in bn.args.items()}
+    out_axis = 1 if layer.transposed else 0
+    layer.weight, layer.bias = fold_batchnorm(
+        layer.weight, layer.bias, a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"),
+        eps=float(a.get("eps", 1e-5)), out_axis=out_axis, groups=layer.groups or 1)
+    layer.bn_folded = True
+
+
+def _activation_after(node: _Node, consumers, fold_bn: bool) -> tuple[str, dict[str, float]]:
+    passable = TRANSPARENT | ({"batch_norm"} if not fold_bn else set())
+    while True:
+        nxt = consumers[node.id]
+        if len(nxt) != 1:
+            return "none", {}
+        node = nxt[0]
+        if node.op in ACTIVATIONS:
+            return _activation_name(node)
+        if node.op in ("clamp", "clip"):
+            lo, hi = node.args.get("min"), node.args.get("max")
+            if lo == 0 and hi is None:
+                return "relu", {}
+            if lo == 0 and hi == 6:
+                return "relu6", {}
+            return "none", {}
+        if node.op not in passable:
+            return "none", {}
+
+
+def _activation_name(node: _Node) -> tuple[str, dict[str, float]]:
+    name = ACTIVATIONS[node.op]
+    args = node.args
+    if name == "hardtanh":
+        if args.get("min_val", -1.0) == 0 and args.get("max_val", 1.0) == 6:
+            return "relu6", {}
+        return "hardtanh", {k: float(v) for k, v in args.items() if isinstance(v, (int, float))}
+    if name == "leaky_relu":
+        return name, {"negative_slope": float(args.get("negative_slope", 0.01))}
+    return name, {}
+
+
+def _predecessors(node: _Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    found: dict[str, list[str]] = {}
+    # (node, ops seen on the way back) — walk until a layer or the input is reached
+    todo = [(source, []) for source in node.inputs]
+    visited: set[tuple[int, tuple[str, ...]]] = set()
+    while todo:
+        current, ops = todo.pop()
+        key = (current.id, tuple(ops))
+        if key in visited:
+            continue
+        visited.add(key)
+        target = alias.get(current.id, current)
+        if target.layer is not None or target.op == "input":
+            name = target.layer.name if target.layer is not None else INPUT
+            path = found.setdefault(name, [])
+            for op in reversed(ops):
+                if op not in path:
+                    path.append(op)
+            continue
+        for source in current.inputs:
+            todo.append((source, ops + [current.op]))
+    order = sorted(found, key=lambda n: (n != INPUT, n))
+    return tuple(order), {n: tuple(found[n]) for n in order}
+
+
+def _unused_layers(model: torch.nn.Module, seen: set[int]) -> list[Skipped]:
+    kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+    skipped = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, kinds) and weight is not None and id(weight) not in seen:
+            skipped.append(Skipped(name, f"{type(module).__name__} not called in the forward pass "
+                                         "(unused in eval mode, or called inside a fused op)"))
+    return skipped
+
+
+# -- small helpers ---------------------------------------------------------------------
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name.startswith(("i", "r")) and name[1:] in ("add", "sub", "mul", "truediv", "matmul"):
+            name = name[1:]
+    return name.rstrip("_") or name
+
+
+def _op_args(op: str, args, kwargs) -> dict[str, Any]:
+    if op == "batch_norm":
+        return _bind(_BATCH_NORM_SIGNATURE, args, kwargs)
+    params = {"hardtanh": ("input", "min_val", "max_val"), "leaky_relu": ("input", "negative_slope"),
+              "clamp": ("input", "min", "max"), "clip": ("input", "min", "max")}.get(op)
+    if params is None:
+        return {}
+    bound = _bind(params, args, kwargs)
+    bound.pop("input", None)
+    return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in bound.items()}
+
+
+def _bind(names: tuple[str, ...], args, kwargs) -> dict[str, Any]:
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    return bound
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        values = tuple(int(v) for v in value)
+        return values * dims if len(values) == 1 and dims > 1 else values
+    return (int(value),) * dims
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+

@@ -1,0 +1,164 @@
+"""The normalized conv-layer graph: the one data type between loaders and statistics.
+
+Every loader, whatever framework it reads, produces a :class:`ConvGraph`.  Every
+statistic and experiment reads only this type, never a framework object, so
+adding a backend never touches a statistic and vice versa.
+
+Conventions (all loaders follow them):
+
+* ``weight`` is a numpy array shaped ``(out, in/groups, *kernel)`` for convs,
+  ``(out, in)`` for linear layers, and ``(in, out/groups, *kernel)`` for
+  transposed convs, exactly as PyTorch stores them.
+* ``padding`` is one ``(begin, end)`` pair per spatial dimension, so asymmetric
+  padding (TensorFlow "SAME", MatConvNet ``[top bottom left right]``) is exact.
+* Shapes exclude the batch dimension: ``(C, H, W)`` for a 2-D conv.
+* Attributes a source cannot know (a bare state_dict has no strides) are
+  ``None``; nothing is guessed.
+* ``predecessors`` names the layers whose outputs reach this layer's input,
+  traced through element-wise ops, pooling, concatenation and additions; the
+  pseudo-layer ``"input"`` stands for the model's input.  ``via`` lists, per
+  predecessor, the operations passed on the way (``"max_pool2d"``, ``"add"``,
+  ``"relu"``, ...), which is what decides whether two layers are "stacked".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+TRANSPOSED_KINDS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+LAYER_KINDS = CONV_KINDS + TRANSPOSED_KINDS + ("linear",)
+
+#: The pseudo-layer name used as predecessor of layers fed by the model input.
+INPUT = "input"
+
+
+@dataclass(eq=False)
+class Layer:
+    """One affine layer (conv, transposed conv or linear) and what follows it."""
+
+    name: str  # the framework's own, stable name ("features.0", "conv1")
+    index: int  # position in execution (or file) order, from 0
+    kind: str  # one of LAYER_KINDS
+    weight: np.ndarray  # (out, in/groups, *kernel); transposed: (in, out/groups, *kernel)
+    bias: np.ndarray | None = None  # (out,), after BatchNorm folding
+    stride: tuple[int, ...] | None = None
+    padding: tuple[tuple[int, int], ...] | None = None  # (begin, end) per spatial dim
+    dilation: tuple[int, ...] | None = None
+    groups: int | None = 1
+    output_padding: tuple[int, ...] | None = None  # transposed convs only
+    activation: str | None = "none"  # what follows: relu, leaky_relu, ..., none; None = unknown
+    activation_params: dict[str, float] = field(default_factory=dict)  # e.g. negative_slope
+    bn_folded: bool = False
+    input_shape: tuple[int, ...] | None = None  # without batch dim
+    output_shape: tuple[int, ...] | None = None
+    predecessors: tuple[str, ...] = ()
+    via: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ops passed per predecessor
+    channel_bias: np.ndarray | None = None  # (out, in/groups): one bias per kernel (000 eq. 4)
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind in TRANSPOSED_KINDS
+
+    @property
+    def spatial_dims(self) -> int:
+        return 0 if self.kind == "linear" else self.weight.ndim - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.weight.shape[2:])
+
+    @property
+    def out_channels(self) -> int:
+        if self.transposed:
+            return int(self.weight.shape[1]) * (self.groups or 1)
+        return int(self.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int | None:
+        if self.transposed:
+            return int(self.weight.shape[0])
+        if self.groups is None:
+            return None
+        return int(self.weight.shape[1]) * self.groups
+
+    def attributes(self) -> dict[str, Any]:
+        """The layer's description as JSON-ready values (no weights)."""
+        return {
+            "index": self.index,
+            "name": self.name,
+            "kind": self.kind,
+            "out_channels": self.out_channels,
+            "in_channels": self.in_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": _list(self.stride),
+            "padding": None if self.padding is None else [list(p) for p in self.padding],
+            "dilation": _list(self.dilation),
+            "groups": self.groups,
+            "output_padding": _list(self.output_padding) if self.transposed else None,
+            "activation": self.activation,
+            "bn_folded": self.bn_folded,
+            "input_shape": _list(self.input_shape),
+            "output_shape": _list(self.output_shape),
+            "predecessors": list(self.predecessors),
+            "via": {k: list(v) for k, v in self.via.items()},
+            "channel_bias": self.channel_bias is not None,
+        }
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something that is not analysed, and why.  Nothing is dropped silently."""
+
+    name: str
+    reason: str
+    statistic: str | None = None  # None: the loader skipped it for every statistic
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "reason": self.reason}
+        if self.statistic:
+            out["statistic"] = self.statistic
+        return out
+
+
+@dataclass(eq=False)
+class ConvGraph:
+    """The layers of one model, in execution order, plus what the loader skipped."""
+
+    layers: list[Layer]
+    source: dict[str, Any] = field(default_factory=dict)  # spec, loader, weights, input_size, ...
+    skipped: list[Skipped] = field(default_factory=list)
+    input_shape: tuple[int, ...] | None = None  # model input without batch dim, when known
+
+    def __post_init__(self) -> None:
+        self._by_name = {layer.name: layer for layer in self.layers}
+        if len(self._by_name) != len(self.layers):
+            raise ValueError("layer names in a ConvGraph must be unique")
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> Layer:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def successors(self, name: str) -> list[Layer]:
+        return [layer for layer in self.layers if name in layer.predecessors]
+
+    def summary(self) -> Mapping[str, int]:
+        kinds: dict[str, int] = {}
+        for layer in self.layers:
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        return kinds
+
+
+def _list(value: tuple | None) -> list | None:
+    return None if value is None else [int(v) for v in value]
