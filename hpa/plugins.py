@@ -27,6 +27,7 @@ from typing import Any
 import pluggy
 
 from hpa import hookspecs
+from hpa.errors import PluginError
 from hpa.registry import Experiment, Loader, Registry, Statistic
 
 GROUP = "hpa"
@@ -83,12 +84,11 @@ def load_plugins() -> None:
             _register_module(name, module, own_version)
     if not _truthy(os.environ.get("HPA_DISABLE_PLUGIN_AUTOLOAD")):
         for entry_point in metadata.entry_points(group=GROUP):
-            if entry_point.name in disabled or _state.pm.has_plugin(entry_point.name):
+            if entry_point.name in disabled or entry_point.name in BUILTIN_PLUGINS:
                 continue
             dist = getattr(entry_point, "dist", None)
             version = dist.version if dist is not None else ""
             _register_module(entry_point.name, entry_point.value, version)
-    _state.pm.check_pending()
     if _truthy(os.environ.get("HPA_TRACE_HOOKS")):
         _state.pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
         _state.pm.enable_tracing()
@@ -98,6 +98,7 @@ def _register_module(name: str, target: str, version: str) -> None:
     try:
         module = importlib.import_module(target.split(":")[0])
         _state.pm.register(module, name=name)
+        _check_hooks(name)
     except Exception as exc:  # a broken plugin must never break hpa
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         _state.failures.append(PluginFailure(name, message))
@@ -106,11 +107,20 @@ def _register_module(name: str, target: str, version: str) -> None:
     _state.versions[name] = version
 
 
+def _check_hooks(name: str) -> None:
+    """A hookimpl that matches no hookspec (a typo) is an error, as in pytest."""
+    try:
+        _state.pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        _state.pm.unregister(name=name)
+        raise PluginError(str(exc).splitlines()[0]) from None
+
+
 def register(plugin: ModuleType | object, name: str) -> None:
     """Register an in-process plugin (a module or object with hookimpls)."""
     load_plugins()
     _state.pm.register(plugin, name=name)
-    _state.pm.check_pending()
+    _check_hooks(name)
     _state._registries = None
 
 

@@ -138,9 +138,10 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise LoadError(f"{path} is not a valid safetensors file (bad header: {exc})") from None
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length) if size > 8 + length else None
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    # The header is sorted by dtype and name, not by module order; natural name order
+    # ("features.2" before "features.10") is the closest stand-in for module order.
+    for name in sorted((k for k in header if k != "__metadata__"), key=natural_key):
+        info = header[name]
         start, end = info["data_offsets"]
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None or data is None or end > data.shape[0]:
@@ -151,6 +152,10 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         out[name] = array
     return out
+
+
+def natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 # -- messages ----------------------------------------------------------------------------

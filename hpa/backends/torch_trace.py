@@ -58,10 +58,12 @@ def register_module_converter(cls: type, converter: Callable[..., Layer]) -> Non
 
 
 @dataclass(eq=False)
-class _Node:
+class Node:
+    """One call in the dataflow graph; shared with the TorchScript reader."""
+
     id: int
     op: str  # "input", "layer", or a normalized op name
-    inputs: list[_Node] = field(default_factory=list)
+    inputs: list[Node] = field(default_factory=list)
     layer: Layer | None = None
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -71,8 +73,8 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         self.module_names = module_names
         self.param_names = param_names
-        self.nodes: list[_Node] = []
-        self.node_of: dict[int, _Node] = {}
+        self.nodes: list[Node] = []
+        self.node_of: dict[int, Node] = {}
         self.keep: list[torch.Tensor] = []  # holds traced tensors so their ids stay unique
         self.stack: list[torch.nn.Module] = []
         self.opaque_depth = 0
@@ -80,17 +82,17 @@ class _Tracer(TorchFunctionMode):
         self.seen_weights: set[int] = set()
 
     # -- bookkeeping -----------------------------------------------------------
-    def new_node(self, op: str, inputs: list[_Node], **kw: Any) -> _Node:
-        node = _Node(len(self.nodes), op, inputs, **kw)
+    def new_node(self, op: str, inputs: list[Node], **kw: Any) -> Node:
+        node = Node(len(self.nodes), op, inputs, **kw)
         self.nodes.append(node)
         return node
 
-    def tag(self, value: Any, node: _Node) -> None:
+    def tag(self, value: Any, node: Node) -> None:
         for tensor in _tensors(value):
             self.node_of[id(tensor)] = node
             self.keep.append(tensor)
 
-    def sources(self, args: Any, kwargs: Any) -> list[_Node]:
+    def sources(self, args: Any, kwargs: Any) -> list[Node]:
         found = []
         for tensor in _tensors((args, kwargs)):
             node = self.node_of.get(id(tensor))
@@ -141,7 +143,7 @@ class _Tracer(TorchFunctionMode):
         self.tag(out, node)
         return out
 
-    def layer_node(self, kind, args, kwargs, inputs, out) -> _Node:
+    def layer_node(self, kind, args, kwargs, inputs, out) -> Node:
         bound = _bind(_LAYER_SIGNATURES[kind], args, kwargs)
         x, weight = bound["input"], bound["weight"]
         self.seen_weights.add(id(weight))
@@ -150,7 +152,7 @@ class _Tracer(TorchFunctionMode):
             owner = self.stack[-1] if self.stack else None
             name = self.module_names.get(id(owner), kind) if owner is not None else kind
         name = self.unique_name(name)
-        layer = _make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
+        layer = make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
         data_input = self.node_of.get(id(x))
         return self.new_node("layer", [data_input] if data_input else [], layer=layer)
 
@@ -190,7 +192,7 @@ def trace_module(
     finally:
         for handle in handles:
             handle.remove()
-    layers = _finish(tracer.nodes, fold_bn)
+    layers = finish_layers(tracer.nodes, fold_bn)
     skipped = _unused_layers(model, tracer.seen_weights)
     if not layers:
         raise UnsupportedModelError(
@@ -201,7 +203,7 @@ def trace_module(
 
 # -- building layers ---------------------------------------------------------------
 
-def _make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape) -> Layer:
+def make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape) -> Layer:
     weight = to_numpy(bound["weight"])
     bias = bound.get("bias")
     if kind == "linear":
@@ -246,12 +248,15 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 # -- reading the dataflow graph ------------------------------------------------------
 
-def _finish(nodes: list[_Node], fold_bn: bool) -> list[Layer]:
-    consumers: dict[int, list[_Node]] = {n.id: [] for n in nodes}
+def finish_layers(nodes: list[Node], fold_bn: bool) -> list[Layer]:
+    consumers: dict[int, list[Node]] = {n.id: [] for n in nodes}
     for node in nodes:
         for source in node.inputs:
             consumers[source.id].append(node)
-    alias: dict[int, _Node] = {}  # op node id -> layer node it stands for (folded BN)
+    alias: dict[int, Node] = {}  # op node id -> layer node it stands for (folded BN)
+    for node in nodes:
+        if node.layer is not None:
+            _merge_zero_pad(node, consumers)
     layers = []
     for node in nodes:
         if node.layer is None:
@@ -272,13 +277,37 @@ def _finish(nodes: list[_Node], fold_bn: bool) -> list[Layer]:
     return layers
 
 
-def _foldable(node: _Node) -> bool:
+def _merge_zero_pad(node: Node, consumers) -> None:
+    """Fold a constant-zero F.pad feeding only this conv into its (begin, end) padding pairs."""
+    layer = node.layer
+    if len(node.inputs) != 1 or layer.transposed or layer.kind == "linear" or layer.padding is None:
+        return
+    pad_node = node.inputs[0]
+    args = pad_node.args
+    if (pad_node.op != "pad" or args.get("mode") != "constant" or args.get("value") != 0
+            or len(consumers[pad_node.id]) != 1 or min(args["pad"], default=0) < 0):
+        return
+    dims = len(layer.padding)
+    pad = args["pad"]
+    if len(pad) > 2 * dims:
+        return  # pads channels or batch too: not a conv padding
+    pairs = list(layer.padding)
+    for k in range(len(pad) // 2):  # F.pad lists the last dimension first
+        begin, end = pairs[dims - 1 - k]
+        pairs[dims - 1 - k] = (begin + pad[2 * k], end + pad[2 * k + 1])
+    layer.padding = tuple(pairs)
+    layer.input_shape = args["input_shape"]
+    node.inputs = list(pad_node.inputs)
+    consumers[pad_node.id] = []
+
+
+def _foldable(node: Node) -> bool:
     args = node.args
     return (node.op == "batch_norm" and len(node.inputs) == 1 and not args.get("training")
             and args.get("running_mean") is not None and args.get("running_var") is not None)
 
 
-def _fold_into(layer: Layer, bn: _Node) -> None:
+def _fold_into(layer: Layer, bn: Node) -> None:
     a = {k: to_numpy(v) if isinstance(v, torch.Tensor) else v for k, v in bn.args.items()}
     out_axis = 1 if layer.transposed else 0
     layer.weight, layer.bias = fold_batchnorm(
@@ -287,7 +316,7 @@ def _fold_into(layer: Layer, bn: _Node) -> None:
     layer.bn_folded = True
 
 
-def _activation_after(node: _Node, consumers, fold_bn: bool) -> tuple[str, dict[str, float]]:
+def _activation_after(node: Node, consumers, fold_bn: bool) -> tuple[str, dict[str, float]]:
     passable = TRANSPARENT | ({"batch_norm"} if not fold_bn else set())
     while True:
         nxt = consumers[node.id]
@@ -307,7 +336,7 @@ def _activation_after(node: _Node, consumers, fold_bn: bool) -> tuple[str, dict[
             return "none", {}
 
 
-def _activation_name(node: _Node) -> tuple[str, dict[str, float]]:
+def _activation_name(node: Node) -> tuple[str, dict[str, float]]:
     name = ACTIVATIONS[node.op]
     args = node.args
     if name == "hardtanh":
@@ -319,7 +348,7 @@ def _activation_name(node: _Node) -> tuple[str, dict[str, float]]:
     return name, {}
 
 
-def _predecessors(node: _Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+def _predecessors(node: Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     found: dict[str, list[str]] = {}
     # (node, ops seen on the way back) — walk until a layer or the input is reached
     todo = [(source, []) for source in node.inputs]
@@ -369,6 +398,10 @@ def _op_name(func) -> str:
 def _op_args(op: str, args, kwargs) -> dict[str, Any]:
     if op == "batch_norm":
         return _bind(_BATCH_NORM_SIGNATURE, args, kwargs)
+    if op == "pad":
+        bound = _bind(("input", "pad", "mode", "value"), args, kwargs)
+        return {"pad": tuple(int(p) for p in bound.get("pad", ())), "mode": bound.get("mode", "constant"),
+                "value": bound.get("value") or 0.0, "input_shape": tuple(bound["input"].shape[1:])}
     params = {"hardtanh": ("input", "min_val", "max_val"), "leaky_relu": ("input", "negative_slope"),
               "clamp": ("input", "min", "max"), "clip": ("input", "min", "max")}.get(op)
     if params is None:

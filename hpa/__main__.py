@@ -1,0 +1,3 @@
+from hpa.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Turning a ScanResult into things people read: terminal tables and figures."""

@@ -1,0 +1,105 @@
+"""``torchvision:NAME``: any ``torchvision.models`` classification model.
+
+``--weights``: omitted or ``DEFAULT`` -> the model's DEFAULT weights (from the
+torch hub cache, downloaded if missing); ``none`` -> seeded random init; an
+enum name such as ``IMAGENET1K_V1`` (or ``VGG19_Weights.IMAGENET1K_V1``); or a
+path to a local file.  Builder keywords can be passed with ``-o key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hpa.errors import LoadError, SpecError
+from hpa.hookspecs import hookimpl
+from hpa.registry import Loader, LoadOptions, suggest
+
+PREFIX = "torchvision"
+# Input sizes that differ from 3x224x224.
+_INPUT_SIZES = {"inception_v3": (3, 299, 299)}
+
+
+@hookimpl
+def register_loaders(register):
+    register(Loader(prefix=PREFIX, load=load, list_models=list_models,
+                    description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
+
+
+def list_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def load(name: str, options: LoadOptions):
+    import torchvision
+
+    from hpa.backends.torch_models import build_for_weights, looks_like_path, seeded
+    from hpa.backends.torch_trace import trace_module
+
+    names = list_models()
+    if name not in names:
+        raise SpecError(f"unknown torchvision model {name!r}{suggest(name, names, PREFIX + ':')} "
+                        f"(list them with: hpa list-models torchvision)")
+    builder_fn = torchvision.models.get_model_builder(name)
+    kwargs = dict(options.extra)
+    weights = options.weights
+    source = {"weights": weights or "DEFAULT"}
+    if weights is not None and weights.lower() == "none":
+        model = seeded(lambda: builder_fn(weights=None, **kwargs), options.seed)
+        source.update(weights="none", seed=options.seed)
+    elif weights is not None and (os.path.exists(weights) or looks_like_path(weights)):
+        from hpa.backends.torch_files import read_state_dict
+
+        state = read_state_dict(weights, options.trust_pickle)
+        if name in ("googlenet", "inception_v3"):
+            kwargs.setdefault("aux_logits", any(k.startswith("aux") for k in state))
+            kwargs.setdefault("init_weights", False)
+        model = build_for_weights(lambda: builder_fn(weights=None, **kwargs), state, f"{PREFIX}:{name}")
+    else:
+        enum = _resolve_enum(name, weights)
+        state = _cached_state_dict(enum, name)
+        kwargs.setdefault("num_classes", len(enum.meta.get("categories") or []) or 1000)
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=True, init_weights=False, transform_input=True)
+        model = build_for_weights(lambda: builder_fn(weights=None, **kwargs), state, f"{PREFIX}:{name}")
+        source["weights"] = str(enum)
+    input_size = options.input_size or _INPUT_SIZES.get(name, (3, 224, 224))
+    source.update(input_size=list(input_size), fold_bn=options.fold_bn)
+    return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed)
+
+
+def _resolve_enum(name: str, weights: str | None):
+    import torchvision
+
+    enum_class = torchvision.models.get_model_weights(name)
+    if weights is None or weights.upper() == "DEFAULT":
+        return enum_class.DEFAULT
+    member = weights.split(".")[-1]
+    try:
+        return enum_class[member]
+    except KeyError:
+        choices = [m.name for m in enum_class]
+        raise SpecError(f"torchvision:{name} has no weights {weights!r}{suggest(member, choices)}; "
+                        f"or give a file path, or 'none' for a random init") from None
+
+
+def _cached_state_dict(enum, name: str):
+    """The weights from the torch hub cache, downloading them only if they are not there."""
+    import torch
+
+    from hpa.backends.torch_files import read_state_dict
+
+    filename = os.path.basename(enum.url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, filename)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, path, progress=False)
+        except Exception as exc:  # offline, DNS failure, HTTP error
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LoadError(f"cannot download the {enum} weights of torchvision:{name} ({reason}); without "
+                            f"network, copy {filename} into {folder}, or pass --weights PATH, "
+                            "or --weights none for a random init") from None
+    return read_state_dict(path)
