@@ -20,7 +20,7 @@ from hpa.hookspecs import hookimpl
 from hpa.registry import Statistic, StatisticContext, StatisticResult
 
 NAME = "projection"
-_CHUNK_ROWS = 2048  # rows converted to float64 at a time, bounding extra memory
+_CHUNK_ELEMENTS = 1 << 21  # weights converted to float64 at a time (16 MB), bounding extra memory
 
 
 @hookimpl
@@ -62,8 +62,9 @@ def cosines(filters) -> dict[str, Any]:
     sums = np.empty(count)
     norms = np.empty(count)
     finite = np.empty(count, dtype=bool)
-    for start in range(0, count, _CHUNK_ROWS):
-        block = np.asarray(filters[start:start + _CHUNK_ROWS], dtype=np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, count, rows):
+        block = np.asarray(filters[start:start + rows], dtype=np.float64)
         finite[start:start + len(block)] = np.isfinite(block).all(axis=1)
         sums[start:start + len(block)] = block.sum(axis=1)
         norms[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
@@ -97,13 +98,20 @@ def distance_from_init(weight, init_weight) -> dict[str, float | None]:
     """||W - W0||_F / ||W0||_F and max|W - W0| / max|W0| (reference code), in float64."""
     import numpy as np
 
-    w = np.asarray(weight, dtype=np.float64)
-    w0 = np.asarray(init_weight, dtype=np.float64)
-    diff = w - w0
-    l2, linf = np.linalg.norm(w0), np.abs(w0).max()
+    w, w0 = weight.reshape(len(weight), -1), init_weight.reshape(len(init_weight), -1)
+    rows = max(1, _CHUNK_ELEMENTS // max(w.shape[1], 1))
+    diff_sq = init_sq = diff_max = init_max = 0.0
+    for start in range(0, len(w), rows):
+        a = np.asarray(w[start:start + rows], dtype=np.float64)
+        b = np.asarray(w0[start:start + rows], dtype=np.float64)
+        diff = a - b
+        diff_sq += float(np.einsum("ij,ij->", diff, diff))
+        init_sq += float(np.einsum("ij,ij->", b, b))
+        diff_max = max(diff_max, float(np.abs(diff).max()))
+        init_max = max(init_max, float(np.abs(b).max()))
     return {
-        "relative_l2": float(np.linalg.norm(diff) / l2) if l2 > 0 else None,
-        "relative_linf": float(np.abs(diff).max() / linf) if linf > 0 else None,
+        "relative_l2": float(np.sqrt(diff_sq / init_sq)) if init_sq > 0 else None,
+        "relative_linf": diff_max / init_max if init_max > 0 else None,
     }
 
 

@@ -10,6 +10,7 @@ that follows each layer are then read off that dataflow graph.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,8 +75,9 @@ class _Tracer(TorchFunctionMode):
         self.module_names = module_names
         self.param_names = param_names
         self.nodes: list[Node] = []
-        self.node_of: dict[int, Node] = {}
-        self.keep: list[torch.Tensor] = []  # holds traced tensors so their ids stay unique
+        # id(tensor) -> (weak reference, node).  Tensors are not kept alive (that would hold
+        # every activation of the forward pass); a dead reference means the id was reused.
+        self.node_of: dict[int, tuple[weakref.ref, Node]] = {}
         self.stack: list[torch.nn.Module] = []
         self.opaque_depth = 0
         self.used_names: dict[str, int] = {}
@@ -89,13 +91,18 @@ class _Tracer(TorchFunctionMode):
 
     def tag(self, value: Any, node: Node) -> None:
         for tensor in _tensors(value):
-            self.node_of[id(tensor)] = node
-            self.keep.append(tensor)
+            self.node_of[id(tensor)] = (weakref.ref(tensor), node)
+
+    def node_for(self, tensor: torch.Tensor) -> Node | None:
+        entry = self.node_of.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1]
 
     def sources(self, args: Any, kwargs: Any) -> list[Node]:
         found = []
         for tensor in _tensors((args, kwargs)):
-            node = self.node_of.get(id(tensor))
+            node = self.node_for(tensor)
             if node is not None and node not in found:
                 found.append(node)
         return found
@@ -153,7 +160,7 @@ class _Tracer(TorchFunctionMode):
             name = self.module_names.get(id(owner), kind) if owner is not None else kind
         name = self.unique_name(name)
         layer = make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
-        data_input = self.node_of.get(id(x))
+        data_input = self.node_for(x)
         return self.new_node("layer", [data_input] if data_input else [], layer=layer)
 
 
