@@ -20,7 +20,7 @@ from hpa.hookspecs import hookimpl
 from hpa.registry import Statistic, StatisticContext, StatisticResult
 
 NAME = "projection"
-_CHUNK_ELEMENTS = 1 << 21  # weights converted to float64 at a time (16 MB), bounding extra memory
+_CHUNK_ELEMENTS = 1 << 18  # weights converted to float64 at a time (2 MB: stays in cache, bounds memory)
 
 
 @hookimpl
@@ -47,11 +47,25 @@ def filter_matrix(layer: Layer):
 
     w = layer.weight
     if not layer.transposed:
-        return w.reshape(w.shape[0], -1)
+        return _rows(w)
     groups = layer.groups or 1
     in_ch, per_group = w.shape[0], w.shape[1]
     grouped = w.reshape(groups, in_ch // groups, per_group, -1)
     return np.ascontiguousarray(grouped.transpose(0, 2, 1, 3)).reshape(groups * per_group, -1)
+
+
+def _rows(w):
+    """``w`` as (F, n) without copying when each filter's block is contiguous in any axis order.
+
+    The sum and the norm of a filter do not depend on the order of its
+    elements, so the within-filter axes are put in memory order first (a
+    column-major MatConvNet array then needs no copy).
+    """
+    import numpy as np
+
+    inner = sorted(range(1, w.ndim), key=lambda axis: -abs(w.strides[axis]))
+    view = np.transpose(w, [0, *inner])
+    return view.reshape(w.shape[0], -1)
 
 
 def cosines(filters) -> dict[str, Any]:
@@ -65,9 +79,10 @@ def cosines(filters) -> dict[str, Any]:
     rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for start in range(0, count, rows):
         block = np.asarray(filters[start:start + rows], dtype=np.float64)
-        finite[start:start + len(block)] = np.isfinite(block).all(axis=1)
         sums[start:start + len(block)] = block.sum(axis=1)
         norms[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    # A NaN or Inf weight makes its filter's squared norm NaN or Inf (float32 squares cannot overflow).
+    finite[:] = np.isfinite(norms) & np.isfinite(sums)
     dead = finite & (norms == 0)
     valid = finite & ~dead
     cos = np.full(count, np.nan)

@@ -115,3 +115,14 @@ def test_distance_from_init_matches_definition():
     assert d["relative_l2"] == pytest.approx(np.sqrt(((w - w0) ** 2).sum() / (w0 ** 2).sum()), rel=1e-12)
     assert d["relative_linf"] == pytest.approx(np.abs(w - w0).max() / np.abs(w0).max(), rel=1e-12)
     np.testing.assert_allclose(values["init"]["cosines"], [direct_cosine(f) for f in w0], atol=1e-12)
+
+
+def test_column_major_weights_give_the_same_cosines_without_a_copy():
+    rng = np.random.default_rng(6)
+    matlab = np.asfortranarray(rng.normal(size=(3, 5, 4, 7)))  # H x W x Cin x Cout, column-major
+    torch_order = np.transpose(matlab, (3, 2, 0, 1))  # (Cout, Cin, H, W), not C-contiguous
+    rows = projection.filter_matrix(conv(weight=torch_order))
+    assert np.shares_memory(rows, matlab)
+    values = scan_layers(conv(weight=torch_order)).layers["c"]
+    expected = [direct_cosine(np.ascontiguousarray(torch_order[i])) for i in range(7)]
+    np.testing.assert_allclose(values["cosines"], expected, atol=1e-12)

@@ -70,10 +70,12 @@ class Node:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, module_names: dict[int, str], param_names: dict[int, str]) -> None:
+    def __init__(self, module_names: dict[int, str], param_names: dict[int, str],
+                 real_of: dict[int, torch.Tensor]) -> None:
         super().__init__()
         self.module_names = module_names
         self.param_names = param_names
+        self.real_of = real_of  # id(meta stand-in) -> the real tensor, in a meta-device trace
         self.nodes: list[Node] = []
         # id(tensor) -> (weak reference, node).  Tensors are not kept alive (that would hold
         # every activation of the forward pass); a dead reference means the id was reused.
@@ -146,15 +148,26 @@ class _Tracer(TorchFunctionMode):
         if op in _LAYER_SIGNATURES:
             node = self.layer_node(op, args, kwargs, inputs, out)
         else:
-            node = self.new_node(op, inputs, args=_op_args(op, args, kwargs))
+            values = _op_args(op, args, kwargs)
+            node = self.new_node(op, inputs, args={k: self.real(v) for k, v in values.items()})
         self.tag(out, node)
         return out
+
+    def real(self, value: Any) -> Any:
+        """The real tensor behind a meta stand-in; a meta value with no real tensor needs a real trace."""
+        if not isinstance(value, torch.Tensor) or value.device.type != "meta":
+            return value
+        found = self.real_of.get(id(value))
+        if found is None:
+            raise _NeedsValues()
+        return found
 
     def layer_node(self, kind, args, kwargs, inputs, out) -> Node:
         bound = _bind(_LAYER_SIGNATURES[kind], args, kwargs)
         x, weight = bound["input"], bound["weight"]
-        self.seen_weights.add(id(weight))
         name = self.param_names.get(id(weight))
+        bound = {k: (self.real(v) if k != "input" else v) for k, v in bound.items()}
+        self.seen_weights.add(id(bound["weight"]))
         if name is None:
             owner = self.stack[-1] if self.stack else None
             name = self.module_names.get(id(owner), kind) if owner is not None else kind
@@ -162,6 +175,10 @@ class _Tracer(TorchFunctionMode):
         layer = make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
         data_input = self.node_for(x)
         return self.new_node("layer", [data_input] if data_input else [], layer=layer)
+
+
+class _NeedsValues(Exception):
+    """A meta-device trace met a weight computed on the fly, or data-dependent code."""
 
 
 def trace_module(
@@ -172,25 +189,62 @@ def trace_module(
     source: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> ConvGraph:
-    """Trace ``model`` on one dummy input of ``input_size`` (no batch dim)."""
+    """Trace ``model`` on one dummy input of ``input_size`` (no batch dim).
+
+    The pass runs first on PyTorch's meta device, with stand-ins for every
+    parameter that map back to the real tensors: it computes nothing and reads
+    no weight, so a memory-mapped checkpoint stays unread until a statistic
+    needs it.  Models that compute weights on the fly, or branch on values,
+    are traced again for real on a seeded random input.
+    """
     model = model.eval()
+    if not any(type(m) in _MODULE_CONVERTERS for m in model.modules()):
+        try:
+            tracer = _run(model, input_size, seed, meta=True)
+        except _NeedsValues:
+            tracer = None
+    else:
+        tracer = None
+    if tracer is None:
+        tracer = _run(model, input_size, seed, meta=False)
+    layers = finish_layers(tracer.nodes, fold_bn)
+    skipped = _unused_layers(model, tracer.seen_weights)
+    if not layers:
+        raise UnsupportedModelError(
+            "the model has no conv or linear layers that run in its forward pass; hpa analyses conv networks"
+        )
+    return ConvGraph(layers, source=dict(source or {}), skipped=skipped, input_shape=tuple(input_size))
+
+
+def _run(model: torch.nn.Module, input_size, seed: int, meta: bool) -> _Tracer:
     module_names = {id(m): n for n, m in model.named_modules()}
-    param_names = {id(p): n.rsplit(".", 1)[0] if n.endswith(".weight") else n
-                   for n, p in model.named_parameters()}
-    tracer = _Tracer(module_names, param_names)
-    generator = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.randn((1, *input_size), generator=generator).to(dtype)
-    root = tracer.new_node("input", [])
-    tracer.tag(x, root)
+    if meta:
+        stand_ins = {name: torch.empty_like(t, device="meta") for name, t in named.items()}
+        real_of = {id(stand_ins[name]): t for name, t in named.items()}
+        x = torch.empty((1, *input_size), device="meta", dtype=dtype)
+    else:
+        stand_ins, real_of = named, {}
+        x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(seed)).to(dtype)
+    param_names = {id(t): n.rsplit(".", 1)[0] if n.endswith(".weight") else n for n, t in stand_ins.items()}
+    tracer = _Tracer(module_names, param_names, real_of)
+    tracer.tag(x, tracer.new_node("input", []))
     handles = [
         torch.nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook),
         torch.nn.modules.module.register_module_forward_hook(tracer.post_hook),
     ]
     try:
         with torch.no_grad(), tracer:
-            model(x)
+            if meta:
+                torch.func.functional_call(model, stand_ins, (x,), strict=False)
+            else:
+                model(x)
+    except _NeedsValues:
+        raise
     except Exception as exc:
+        if meta:
+            raise _NeedsValues() from exc
         size = "x".join(str(s) for s in input_size)
         raise LoadError(
             f"the forward pass on a dummy {size} input failed ({type(exc).__name__}: "
@@ -199,13 +253,7 @@ def trace_module(
     finally:
         for handle in handles:
             handle.remove()
-    layers = finish_layers(tracer.nodes, fold_bn)
-    skipped = _unused_layers(model, tracer.seen_weights)
-    if not layers:
-        raise UnsupportedModelError(
-            "the model has no conv or linear layers that run in its forward pass; hpa analyses conv networks"
-        )
-    return ConvGraph(layers, source=dict(source or {}), skipped=skipped, input_shape=tuple(input_size))
+    return tracer
 
 
 # -- building layers ---------------------------------------------------------------
@@ -404,7 +452,9 @@ def _op_name(func) -> str:
 
 def _op_args(op: str, args, kwargs) -> dict[str, Any]:
     if op == "batch_norm":
-        return _bind(_BATCH_NORM_SIGNATURE, args, kwargs)
+        bound = _bind(_BATCH_NORM_SIGNATURE, args, kwargs)
+        bound.pop("input", None)
+        return bound
     if op == "pad":
         bound = _bind(("input", "pad", "mode", "value"), args, kwargs)
         return {"pad": tuple(int(p) for p in bound.get("pad", ())), "mode": bound.get("mode", "constant"),

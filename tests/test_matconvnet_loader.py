@@ -1,0 +1,350 @@
+"""The matconvnet loader: torch -> MatConvNet .mat (zoo layout) -> graph, against the torch tracer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hpa
+from hpa.errors import LoadError, OptionError, UnsupportedModelError
+from hpa_plugins.projection import cosines, filter_matrix
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mcn_export as mcn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HPA = ROOT / ".venv" / "bin" / "hpa"
+SIZE = (3, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def _no_autoload(monkeypatch):
+    monkeypatch.setenv("HPA_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm with non-trivial statistics and some negative gammas."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.weight.data = torch.randn(c, generator=g)
+            module.weight.data[0] = -abs(module.weight.data[0]) - 0.5  # at least one negative gamma
+            module.bias.data = torch.randn(c, generator=g)
+            module.running_mean.copy_(torch.randn(c, generator=g))
+            module.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model.eval()
+
+
+def plain_net() -> nn.Sequential:
+    """Plain, BN (negative gammas), grouped, depthwise, dilated, leaky, avg-pool, dropout, 1x1 with Cout=1."""
+    torch.manual_seed(0)
+    return _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2), nn.LeakyReLU(0.1),
+        nn.Conv2d(16, 16, 3, stride=2, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Dropout(0.5),
+        nn.Conv2d(16, 1, 1),
+    ))
+
+
+def padded_net() -> nn.Sequential:
+    """Asymmetric padding: a ZeroPad2d before a conv (MatConvNet writes it as the conv's pad)."""
+    torch.manual_seed(1)
+    return _randomise_bn(nn.Sequential(
+        nn.ZeroPad2d((0, 1, 2, 1)), nn.Conv2d(3, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.ZeroPad2d((1, 0, 0, 1)), nn.Conv2d(6, 6, 2, groups=3), nn.ReLU(),
+    ))
+
+
+def residual_net() -> mcn.ResidualConcatNet:
+    torch.manual_seed(2)
+    return _randomise_bn(mcn.ResidualConcatNet())
+
+
+# -- comparing graphs ---------------------------------------------------------------------------
+
+ATTRIBUTES = ("kind", "out_channels", "in_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "activation", "bn_folded", "input_shape", "output_shape")
+
+
+def assert_same_graph(got: hpa.ConvGraph, want: hpa.ConvGraph) -> None:
+    assert len(got) == len(want), (got.summary(), want.summary())
+    index_got = {layer.name: layer.index for layer in got} | {"input": -1}
+    index_want = {layer.name: layer.index for layer in want} | {"input": -1}
+    for a, b in zip(got, want):
+        da, db = a.attributes(), b.attributes()
+        for key in ATTRIBUTES:
+            assert da[key] == db[key], f"{a.name} vs {b.name}: {key} {da[key]} != {db[key]}"
+        assert a.activation_params.keys() == b.activation_params.keys()
+        for key, value in b.activation_params.items():
+            assert a.activation_params[key] == pytest.approx(value)
+        assert {index_got[p] for p in a.predecessors} == {index_want[p] for p in b.predecessors}
+        via_a = {index_got[p]: set(ops) for p, ops in a.via.items()}
+        via_b = {index_want[p]: set(ops) for p, ops in b.via.items()}
+        assert via_a == via_b, (a.name, a.via, b.via)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        assert (a.bias is None) == (b.bias is None)
+        if a.bias is not None:
+            np.testing.assert_allclose(a.bias, b.bias, rtol=1e-5, atol=1e-5)
+        ca, cb = cosines(filter_matrix(a))["cosines"], cosines(filter_matrix(b))["cosines"]
+        np.testing.assert_allclose(ca, cb, rtol=0, atol=1e-6)
+
+
+def assert_convs_compute(graph: hpa.ConvGraph, exported: mcn.Exported) -> None:
+    """Each conv rebuilt from the graph alone (F.pad with its pairs, then conv2d) matches torch."""
+    g = torch.Generator().manual_seed(3)
+    assert set(exported) == {layer.name for layer in graph}
+    for layer in graph:
+        pad, conv, bn = exported[layer.name]
+        x = torch.randn((2, *layer.input_shape), generator=g)
+        with torch.no_grad():
+            want = conv(F.pad(x, pad) if pad else x)
+            want = bn(want) if bn is not None else want
+            (top, bottom), (left, right) = layer.padding
+            weight = torch.from_numpy(np.asarray(layer.weight, np.float64))
+            bias = None if layer.bias is None else torch.from_numpy(np.asarray(layer.bias, np.float64))
+            got = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight, bias, stride=layer.stride,
+                           dilation=layer.dilation, groups=layer.groups)
+        assert tuple(got.shape[1:]) == layer.output_shape
+        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["new", "beta16"])
+@pytest.mark.parametrize("wrap_net", [False, True])
+@pytest.mark.parametrize("export", [mcn.export_simplenn, mcn.export_dagnn], ids=["simplenn", "dagnn"])
+def test_sequential_round_trip(tmp_path, export, variant, wrap_net):
+    model = plain_net()
+    path = tmp_path / "net.mat"
+    exported = export(model, path, input_size=SIZE, variant=variant, wrap_net=wrap_net)
+    graph = hpa.load(path)
+    assert graph.source["loader"] == "matconvnet"
+    assert graph.source["format"] == ("simplenn" if export is mcn.export_simplenn else "dagnn")
+    assert graph.source["variant"] == variant and graph.source["net_wrapper"] == wrap_net
+    assert graph.input_shape == SIZE and graph.skipped == []
+    assert_same_graph(graph, hpa.load(model, input_size=SIZE))
+    assert_convs_compute(graph, exported)
+    assert [layer.name for layer in graph][:1] == (["conv1"] if export is mcn.export_simplenn else ["layer1"])
+
+
+@pytest.mark.parametrize("variant", ["new", "beta16"])
+def test_residual_concat_dagnn(tmp_path, variant):
+    model = residual_net()
+    path = tmp_path / "res.mat"
+    exported = mcn.export_dagnn(model.dag(), path, input_size=SIZE, variant=variant)
+    graph = hpa.load(f"matconvnet:{path}")
+    assert_same_graph(graph, hpa.load(model, input_size=SIZE))
+    assert_convs_compute(graph, exported)
+    assert graph["head"].predecessors == ("b", "c", "stem")  # stem reaches it through the skip connection
+    assert set(graph["head"].via["b"]) == {"add", "relu", "cat"}
+    assert set(graph["head"].via["stem"]) == {"relu", "max_pool2d", "add", "cat"}
+    assert graph["b"].activation == "none"  # its output goes to a Sum, not straight into a ReLU
+    assert graph["c"].activation == "leaky_relu" and graph["c"].activation_params == {"negative_slope": 0.2}
+
+
+def test_asymmetric_padding_merged(tmp_path):
+    """MatConvNet stores ZeroPad2d + conv as one conv with pad [top bottom left right].
+
+    The torch tracer must merge a zero F.pad into the following conv's padding pairs
+    for the two graphs to agree (the numeric check below holds regardless)."""
+    model = padded_net()
+    for export in (mcn.export_simplenn, mcn.export_dagnn):
+        path = tmp_path / f"{export.__name__}.mat"
+        exported = export(model, path, input_size=SIZE)
+        graph = hpa.load(path)
+        assert [layer.padding for layer in graph] == [((2, 1), (0, 1)), ((0, 1), (1, 0))]
+        assert_convs_compute(graph, exported)
+    assert_same_graph(graph, hpa.load(model, input_size=SIZE))
+
+
+def test_no_fold_bn_keeps_raw_weights(tmp_path):
+    model = plain_net()
+    path = tmp_path / "net.mat"
+    mcn.export_simplenn(model, path, input_size=SIZE)
+    graph = hpa.load(path, fold_bn=False)
+    assert not any(layer.bn_folded for layer in graph)
+    assert_same_graph(graph, hpa.load(model, input_size=SIZE, fold_bn=False))
+
+
+def test_bnorm_fold_uses_stored_sigma(tmp_path):
+    """y = gamma (x - mean) / sigma + beta with the stored sigma, whatever epsilon says."""
+    conv, bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+    _randomise_bn(nn.Sequential(conv, bn))
+    path = tmp_path / "bn.mat"
+    layer = {"name": "bn", "type": "bnorm", "epsilon": 1.0,  # a misleading epsilon: must be ignored
+             "weights": mcn.cell([mcn.column(bn.weight, 3, 1), mcn.column(bn.bias, 3, 0), mcn.moments_of(bn)])}
+    mcn.export_simplenn([conv, layer], path, input_size=(2, 8, 8))
+    folded = hpa.load(path)["conv1"]
+    sigma = np.sqrt(bn.running_var.numpy().astype(np.float64) + bn.eps).astype(np.float32).astype(np.float64)
+    scale = bn.weight.detach().numpy() / sigma
+    want = conv.weight.detach().numpy().astype(np.float64) * scale[:, None, None, None]
+    np.testing.assert_allclose(folded.weight, want, rtol=1e-12)
+    assert folded.bn_folded and (scale < 0).any()
+
+
+def test_trailing_singletons_and_missing_fields(tmp_path):
+    """2-D and 3-D weight arrays (MATLAB drops trailing 1s) and layers without pad/stride/dilate/leak."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.Conv2d(1, 5, 3), nn.ReLU(), nn.Conv2d(5, 1, 1))
+    path = tmp_path / "thin.mat"
+    exported = mcn.export_simplenn(model, path, input_size=(1, 9, 9), omit_defaults=True)
+    raw = __import__("scipy.io").io.loadmat(path, struct_as_record=False)["layers"]
+    shapes = [raw[0, i][0, 0].weights[0, 0].shape for i in (0, 2, 4)]
+    assert shapes == [(3, 3), (3, 3, 1, 5), (1, 1, 5)]
+    assert not hasattr(raw[0, 0][0, 0], "pad") and not hasattr(raw[0, 1][0, 0], "leak")
+    graph = hpa.load(path)
+    assert_same_graph(graph, hpa.load(model, input_size=(1, 9, 9)))
+    assert_convs_compute(graph, exported)
+
+
+def test_scalar_pad_and_stride(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2, stride=2), nn.ReLU())
+    path = tmp_path / "old.mat"
+    mcn.export_simplenn(model, path, input_size=SIZE, variant="beta16")
+    layer = __import__("scipy.io").io.loadmat(path, struct_as_record=False)["layers"][0, 0][0, 0]
+    assert layer.pad.shape == (1, 1) and layer.stride.shape == (1, 1)
+    assert hpa.load(path)["conv1"].padding == ((2, 2), (2, 2))
+    assert hpa.load(path)["conv1"].stride == (2, 2)
+
+
+def test_unknown_layer_type_is_skipped(tmp_path):
+    torch.manual_seed(6)
+    conv1, conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+    mystery = {"name": "mystery", "type": "frobnicate", "gain": 2.0}
+    path = tmp_path / "odd.mat"
+    mcn.export_simplenn([conv1, nn.ReLU(), mystery, conv2], path, input_size=SIZE)
+    graph = hpa.load(path)
+    assert [layer.name for layer in graph] == ["conv1", "conv2"]
+    assert [s.name for s in graph.skipped] == ["mystery"] and "frobnicate" in graph.skipped[0].reason
+    assert graph["conv2"].predecessors == ("conv1",)
+    assert graph["conv2"].via["conv1"] == ("relu", "frobnicate")
+    assert graph["conv2"].groups is None and graph["conv2"].input_shape is None  # unknown after the mystery op
+    assert graph["conv1"].activation == "relu"
+
+    dag_path = tmp_path / "odd_dag.mat"
+    nodes = mcn.chain([conv1, nn.ReLU(), {"type": "dagnn.Mystery", "block": {"k": 1.0}}, conv2])
+    mcn.export_dagnn(nodes, dag_path, input_size=SIZE)
+    graph = hpa.load(dag_path)
+    assert [layer.name for layer in graph] == ["layer1", "layer4"]
+    assert "dagnn.Mystery" in graph.skipped[0].reason
+
+
+def test_only_unknown_layers_is_unsupported(tmp_path):
+    path = tmp_path / "none.mat"
+    mcn.export_simplenn([{"name": "x", "type": "frobnicate"}], path, input_size=SIZE)
+    with pytest.raises(UnsupportedModelError, match="no conv layers"):
+        hpa.load(path)
+
+
+def test_input_size_option_and_file(tmp_path):
+    model = plain_net()
+    path = tmp_path / "net.mat"
+    mcn.export_simplenn(model, path, input_size=SIZE)
+    assert hpa.load(path, input_size="3,64,64")["conv1"].output_shape == (8, 64, 64)
+    with pytest.raises(OptionError, match="C,H,W"):
+        hpa.load(path, input_size="3,64")
+    with pytest.raises(OptionError, match="--weights"):
+        hpa.load(path, weights="none")
+
+
+def test_projection_statistic_runs(tmp_path):
+    path = tmp_path / "net.mat"
+    mcn.export_dagnn(residual_net().dag(), path, input_size=SIZE)
+    result = hpa.scan(path, statistics=["projection"])
+    assert set(result.statistics["projection"].layers) == {"stem", "a", "b", "c", "head"}
+
+
+# -- bad files ---------------------------------------------------------------------------------------
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    files = {}
+    no_layers = tmp_path / "no_layers.mat"
+    __import__("scipy.io").io.savemat(no_layers, {"meta": {"classes": mcn.cell(["a"])}})
+    files["no_layers"] = (no_layers, "no 'layers' variable")
+    empty_layers = tmp_path / "empty_layers.mat"
+    __import__("scipy.io").io.savemat(empty_layers, {"layers": mcn.cell([])})
+    files["empty_layers"] = (empty_layers, "no layers")
+    v73 = tmp_path / "v73.mat"
+    mcn.write_v73_header(v73)
+    files["v73"] = (v73, "v7.3")
+    mcos = tmp_path / "object.mat"
+    mcn.write_mcos_object(mcos)
+    files["mcos"] = (mcos, "MATLAB object \\(dagnn.DagNN\\)")
+    not_mat = tmp_path / "notes.mat"
+    not_mat.write_text("this is not a MATLAB file\n")
+    files["not_mat"] = (not_mat, "not a MATLAB .mat file")
+    good = tmp_path / "good.mat"
+    mcn.export_simplenn(plain_net(), good, input_size=SIZE)
+    truncated = tmp_path / "truncated.mat"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["truncated"] = (truncated, "truncated or damaged")
+    unknown_only = tmp_path / "unknown_only.mat"
+    mcn.export_simplenn([{"name": "x", "type": "frobnicate"}], unknown_only, input_size=SIZE)
+    files["unknown_only"] = (unknown_only, "no conv layers")
+    return files
+
+
+BAD = ["no_layers", "empty_layers", "v73", "mcos", "not_mat", "truncated", "unknown_only"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_file_raises_one_line(tmp_path, case):
+    path, message = _bad_files(tmp_path)[case]
+    with pytest.raises(hpa.HpaError, match=message) as info:
+        hpa.load(path)
+    assert "\n" not in str(info.value)
+    if case != "unknown_only":
+        assert isinstance(info.value, LoadError)
+
+
+def test_mcos_file_is_what_scipy_calls_opaque(tmp_path):
+    from scipy.io.matlab import MatlabOpaque
+    path = tmp_path / "object.mat"
+    mcn.write_mcos_object(path, "net", "dagnn.DagNN")
+    values = __import__("scipy.io").io.loadmat(path)
+    assert isinstance(values["None"], MatlabOpaque)
+    assert values["None"][0]["s2"] == b"dagnn.DagNN"
+
+
+def _cli_ready() -> bool:
+    return HPA.exists() and importlib.util.find_spec("hpa.cli") is not None
+
+
+@pytest.mark.skipif(not _cli_ready(), reason="the hpa CLI is not built yet")
+@pytest.mark.parametrize("case", BAD)
+def test_cli_bad_file(tmp_path, case):
+    path, _ = _bad_files(tmp_path)[case]
+    out = tmp_path / "out"
+    env = dict(os.environ, HPA_DISABLE_PLUGIN_AUTOLOAD="1")
+    env.pop("HPA_DEBUG", None)
+    proc = subprocess.run([str(HPA), "scan", str(path), "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not _cli_ready(), reason="the hpa CLI is not built yet")
+def test_cli_scans_mat_file(tmp_path):
+    path = tmp_path / "res.mat"
+    mcn.export_dagnn(residual_net().dag(), path, input_size=SIZE)
+    out = tmp_path / "out"
+    env = dict(os.environ, HPA_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run([str(HPA), "scan", str(path), "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "result.json").exists()
