@@ -65,5 +65,7 @@ def _title(result) -> str:
         parts.append("input=" + "x".join(str(s) for s in result.graph.input_shape))
     parts.append(f"{len(result.graph)} layers")
     if result.init is not None:
-        parts.append(f"compared with init ({result.init.source.get('weights') or result.init.source.get('spec')})")
+        init = result.init.source
+        what = init.get("file") or f"weights={init.get('weights')}" + (f", seed={init['seed']}" if "seed" in init else "")
+        parts.append(f"compared with init ({what})")
     return " | ".join(parts)
