@@ -78,9 +78,9 @@ def scan(spec: Any, statistics: Iterable[str] | None = None, *, compare_init: bo
         raise OptionError(f"--bins must be a positive integer, not {bins}")
     load_options = dict(weights=weights, input_size=input_size, fold_bn=fold_bn,
                         trust_pickle=trust_pickle, seed=seed, **extra)
-    stats = _select_statistics(statistics)
     _progress(progress, "loading model", 0, 1)
     graph = load(spec, **load_options)
+    stats, not_run = _select_statistics(statistics, graph)
     init_graph = None
     if compare_init or init is not None:
         _progress(progress, "loading initialisation", 0, 1)
@@ -91,7 +91,7 @@ def scan(spec: Any, statistics: Iterable[str] | None = None, *, compare_init: bo
     for stat in stats:
         _progress(progress, f"statistic {stat.name}", 0, 1)
         results[stat.name] = stat.compute(graph, context)
-    return ScanResult(graph=graph, init=init_graph, statistics=results, options=options)
+    return ScanResult(graph=graph, init=init_graph, statistics=results, options=options, not_run=not_run)
 
 
 def parse_input_size(value: Sequence[int] | str | None) -> tuple[int, ...] | None:
@@ -108,13 +108,20 @@ def parse_input_size(value: Sequence[int] | str | None) -> tuple[int, ...] | Non
     return size
 
 
-def _select_statistics(names: Iterable[str] | None):
+def _select_statistics(names: Iterable[str] | None, graph: ConvGraph):
+    """The statistics to run, and {name: reason} for those a default scan leaves out."""
     registry = registries()["statistics"]
-    if names is None:
-        return registry.items()
-    if isinstance(names, str):
-        names = [names]
-    return [registry.get(name) for name in dict.fromkeys(names)]
+    if names is not None:
+        names = [names] if isinstance(names, str) else names
+        return [registry.get(name) for name in dict.fromkeys(names)], {}
+    chosen, not_run = [], {}
+    for stat in registry.items():
+        reason = stat.applies(graph) if stat.applies is not None else None
+        if reason:
+            not_run[stat.name] = reason
+        else:
+            chosen.append(stat)
+    return chosen, not_run
 
 
 def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, Any]) -> ConvGraph:
@@ -127,7 +134,7 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
             options["weights"] = None
         elif isinstance(spec, ConvGraph):
             raise OptionError("--compare-init needs a model spec, not a ready graph; pass --init PATH instead")
-        elif graph.source.get("loader") and not _accepts_weights(graph):
+        elif not _builds_init(graph):
             raise OptionError(f"the {graph.source['loader']} loader cannot build a fresh initialisation of "
                               "this model; save the initial weights and pass --init PATH")
         init_graph = load(spec, **options)
@@ -142,16 +149,17 @@ def _load_snapshot(spec: Any, graph: ConvGraph, path: str, options: dict[str, An
     if _is_torch_module(spec):
         from hpa.backends.torch_module import with_state_dict
         return load(with_state_dict(spec, path), **options)
-    if _accepts_weights(graph):
+    if _builds_init(graph):
         options["weights"] = path
         return load(spec, **options)
     options["weights"] = None
     return load(path, **options)
 
 
-def _accepts_weights(graph: ConvGraph) -> bool:
-    loader = graph.source.get("loader")
-    return loader in ("torchvision", "timm", "zoo") or graph.source.get("accepts_weights", False)
+def _builds_init(graph: ConvGraph) -> bool:
+    loaders = registries()["loaders"]
+    prefix = graph.source.get("loader")
+    return prefix in loaders and loaders.get(prefix).builds_init
 
 
 def _check_same_architecture(graph: ConvGraph, init: ConvGraph) -> None:

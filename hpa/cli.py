@@ -90,7 +90,7 @@ def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str,
     click.echo(result.to_json() if as_json else render_scan(result))
     if out and not as_json:
         click.echo(f"\nwrote {out}/ (result.json, layers.csv, figures)")
-    _raise_on_warnings(result)
+    _raise_if_damaged(result)
 
 
 @cli.command(name="list-models")
@@ -144,11 +144,11 @@ def _progress_printer():
     return show
 
 
-def _raise_on_warnings(result) -> None:
-    warnings = result.warnings
-    if warnings:
-        raise NonFiniteWeightsError(f"{warnings[0]}" + (f" (and {len(warnings) - 1} more layers)"
-                                                        if len(warnings) > 1 else ""))
+def _raise_if_damaged(result) -> None:
+    damaged = result.damaged
+    if damaged:
+        more = f" (and {len(damaged) - 1} more layers)" if len(damaged) > 1 else ""
+        raise NonFiniteWeightsError(damaged[0] + more)
 
 
 def main(argv: list[str] | None = None) -> None:

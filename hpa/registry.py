@@ -39,6 +39,9 @@ class Loader:
     prefix: str  # "timm", "onnx", ...
     load: Callable[[str, LoadOptions], ConvGraph]  # (name after the prefix, options) -> graph
     list_models: Callable[[], Iterable[str]] | None = None  # names it can build, for list-models
+    # True if load(name, weights="none") builds a seeded fresh init of the architecture
+    # and weights=PATH loads a snapshot into it (what --compare-init and --init need).
+    builds_init: bool = False
     suffixes: tuple[str, ...] = ()  # file suffixes claimed for plain paths, e.g. (".onnx",)
     description: str = ""
 
@@ -50,7 +53,9 @@ class StatisticResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer name -> values
     skipped: list[Skipped] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the result's top level
-    warnings: list[str] = field(default_factory=list)  # one line each, shown on stderr
+    # One line per layer whose weights are damaged (NaN or Inf).  The CLI writes all
+    # output, then exits with status 2 naming the first, so that scripts notice.
+    damaged: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class Statistic:
     plot: Callable[[ScanResult, Path, str], list[Path]] | None = None
     # Extra CSV files: result -> {filename: rows (list of dicts)}.
     tables: Callable[[ScanResult], dict[str, list[dict[str, Any]]]] | None = None
+    # Why the statistic does not apply to a graph (None: it applies).  A default scan
+    # runs only the statistics that apply and records the others with their reason.
+    applies: Callable[[ConvGraph], str | None] | None = None
 
 
 @dataclass(frozen=True)

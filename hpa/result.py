@@ -22,6 +22,7 @@ class ScanResult:
     statistics: dict[str, StatisticResult]
     options: dict[str, Any] = field(default_factory=dict)
     init: ConvGraph | None = None
+    not_run: dict[str, str] = field(default_factory=dict)  # statistics left out by default, and why
 
     # -- the JSON schema (documented in README.md) ---------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -40,6 +41,7 @@ class ScanResult:
             "init": None if self.init is None else _jsonable(self.init.source),
             "options": _jsonable(self.options),
             "statistics": sorted(self.statistics),
+            "statistics_not_run": dict(self.not_run),
             "layers": layers,
             "skipped": self.skipped_dicts(),
         }
@@ -60,8 +62,9 @@ class ScanResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @property
-    def warnings(self) -> list[str]:
-        return [w for result in self.statistics.values() for w in result.warnings]
+    def damaged(self) -> list[str]:
+        """One line per layer with NaN or Inf weights, from every statistic."""
+        return list(dict.fromkeys(w for result in self.statistics.values() for w in result.damaged))
 
     # -- tables ------------------------------------------------------------------------
     def layer_rows(self) -> list[dict[str, Any]]:

@@ -173,10 +173,10 @@ def _note_nonfinite(layer: Layer, values: dict[str, Any], result: StatisticResul
         return
     total = values["n_filters"]
     if bad == total:
-        result.warnings.append(f"layer {layer.name}: all {total} filters hold NaN or Inf weights; "
+        result.damaged.append(f"layer {layer.name}: all {total} filters hold NaN or Inf weights; "
                                "its n_l is undefined (the checkpoint is damaged: re-export or re-download it)")
     else:
-        result.warnings.append(f"layer {layer.name}: {bad} of {total} filters hold NaN or Inf weights and are "
+        result.damaged.append(f"layer {layer.name}: {bad} of {total} filters hold NaN or Inf weights and are "
                                "excluded from n_l (the checkpoint is damaged: re-export or re-download it)")
 
 

@@ -20,7 +20,7 @@ PREFIX = "timm"
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models,
+    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True,
                     description="timm models, NAME or NAME.TAG (Hugging Face cache, a file, or none)"))
 
 

@@ -21,7 +21,7 @@ _INPUT_SIZES = {"inception_v3": (3, 299, 299)}
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models,
+    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True,
                     description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
 
 

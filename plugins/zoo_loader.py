@@ -31,6 +31,7 @@ def register_loaders(register):
         prefix=PREFIX,
         load=load,
         list_models=list_models,
+        builds_init=True,
         description="small CNNs trained by hpa's own recipe on scikit-learn's digits; offline",
     ))
 

@@ -71,7 +71,7 @@ def test_dead_and_nonfinite_filters_are_counted_not_dropped():
     live = [direct_cosine(w[i]) for i in range(10) if i not in (2, 5, 7)]
     assert values["n_l"] == pytest.approx(np.mean(np.array(live) <= 0), abs=0)
     assert values["cosines"][2] is None and values["cosines"][5] is None
-    assert len(result.warnings) == 1 and "2 of 10 filters" in result.warnings[0]
+    assert len(result.damaged) == 1 and "2 of 10 filters" in result.damaged[0]
 
 
 def test_grouped_conv_uses_each_filters_own_weights():

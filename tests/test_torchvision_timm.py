@@ -50,8 +50,8 @@ def test_torchvision_and_timm_vgg19_give_identical_cosines_from_one_file(tmp_pat
     torch.manual_seed(0)
     path = tmp_path / "vgg19.pth"
     torch.save(torchvision.models.vgg19().state_dict(), path)
-    tv = hpa.scan("torchvision:vgg19", weights=str(path)).statistics["projection"].layers
-    tm = hpa.scan("timm:vgg19", weights=str(path)).statistics["projection"].layers
+    tv = hpa.scan("torchvision:vgg19", weights=str(path), statistics=["projection"]).statistics["projection"].layers
+    tm = hpa.scan("timm:vgg19", weights=str(path), statistics=["projection"]).statistics["projection"].layers
     convs = [name for name in tv if name.startswith("features.")]
     assert len(convs) == 16
     for name in convs:

@@ -37,16 +37,16 @@ def filter_norms(graph: hpa.ConvGraph, context: hpa.StatisticContext) -> hpa.Sta
             result.skipped.append(hpa.Skipped(layer.name, "transposed conv; not supported by this example",
                                               "filter_norms"))
         else:
-            result.layers[layer.name] = _layer_norms(layer.weight, layer.name, result.warnings)
+            result.layers[layer.name] = _layer_norms(layer.weight, layer.name, result.damaged)
     return result
 
 
-def _layer_norms(weight, name: str, warnings: list[str]) -> dict:
+def _layer_norms(weight, name: str, damaged: list[str]) -> dict:
     rows = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)  # one filter per row
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
     finite = norms[np.isfinite(norms)]
     if len(finite) < len(norms):
-        warnings.append(f"{name}: {len(norms) - len(finite)} filters hold NaN or Inf weights")
+        damaged.append(f"{name}: {len(norms) - len(finite)} filters hold NaN or Inf weights")
     if not len(finite):
         return {"mean": None, "min": None, "max": None, "n_filters": len(norms), "norms": [None] * len(norms)}
     return {"mean": float(finite.mean()), "min": float(finite.min()), "max": float(finite.max()),

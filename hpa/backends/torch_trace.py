@@ -197,6 +197,7 @@ def trace_module(
     needs it.  Models that compute weights on the fly, or branch on values,
     are traced again for real on a seeded random input.
     """
+    import hpa.nn  # noqa: F401  (registers the ChannelReLUConv2d converter before tracing)
     model = model.eval()
     if not any(type(m) in _MODULE_CONVERTERS for m in model.modules()):
         try:
