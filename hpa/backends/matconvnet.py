@@ -37,6 +37,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from hpa.dataflow import predecessors
 from hpa.errors import LoadError, OptionError
 from hpa.files import check_model_file
 from hpa.fold import fold_affine, fold_batchnorm
@@ -598,26 +599,12 @@ def _activation_after(var: str, consumers, fold_bn: bool) -> tuple[str, dict[str
 
 
 def _predecessors(node: _Node) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    found: dict[str, list[str]] = {}
-    todo = [(source, []) for source in node.inputs]
-    visited: set[tuple[int, tuple[str, ...]]] = set()
-    while todo:
-        current, ops = todo.pop()
-        key = (id(current), tuple(ops))
-        if key in visited:
-            continue
-        visited.add(key)
-        if current.layer is not None or current.op in ("input", "missing"):
-            name = current.layer.name if current.layer is not None else INPUT
-            path = found.setdefault(name, [])
-            for op in reversed(ops):
-                if op not in path:
-                    path.append(op)
-            continue
-        for source in current.inputs:
-            todo.append((source, ops + [current.op]))
-    order = sorted(found, key=lambda n: (n != INPUT, n))
-    return tuple(order), {n: tuple(found[n]) for n in order}
+    def endpoint(current: _Node) -> str | None:
+        if current.layer is not None:
+            return current.layer.name
+        return INPUT if current.op in ("input", "missing") else None
+
+    return predecessors(node.inputs, endpoint, lambda n: n.inputs, lambda n: n.op)
 
 
 # -- reading MATLAB values (scipy loadmat with struct_as_record=False, robust to True) ------------

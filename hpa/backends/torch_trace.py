@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from hpa.errors import LoadError, UnsupportedModelError
 from hpa.fold import fold_batchnorm
+from hpa.dataflow import predecessors
 from hpa.graph import INPUT, ConvGraph, Layer, Skipped
 
 _LAYER_SIGNATURES = {
@@ -405,28 +406,13 @@ def _activation_name(node: Node) -> tuple[str, dict[str, float]]:
 
 
 def _predecessors(node: Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    found: dict[str, list[str]] = {}
-    # (node, ops seen on the way back) — walk until a layer or the input is reached
-    todo = [(source, []) for source in node.inputs]
-    visited: set[tuple[int, tuple[str, ...]]] = set()
-    while todo:
-        current, ops = todo.pop()
-        key = (current.id, tuple(ops))
-        if key in visited:
-            continue
-        visited.add(key)
+    def endpoint(current: Node) -> str | None:
         target = alias.get(current.id, current)
-        if target.layer is not None or target.op == "input":
-            name = target.layer.name if target.layer is not None else INPUT
-            path = found.setdefault(name, [])
-            for op in reversed(ops):
-                if op not in path:
-                    path.append(op)
-            continue
-        for source in current.inputs:
-            todo.append((source, ops + [current.op]))
-    order = sorted(found, key=lambda n: (n != INPUT, n))
-    return tuple(order), {n: tuple(found[n]) for n in order}
+        if target.layer is not None:
+            return target.layer.name
+        return INPUT if target.op == "input" else None
+
+    return predecessors(node.inputs, endpoint, lambda n: n.inputs, lambda n: n.op, key=lambda n: n.id)
 
 
 def _unused_layers(model: torch.nn.Module, seen: set[int]) -> list[Skipped]:
