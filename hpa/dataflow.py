@@ -18,13 +18,15 @@ def predecessors(
     sources: Iterable[N],
     endpoint: Callable[[N], str | None],
     inputs: Callable[[N], Iterable[N]],
-    op: Callable[[N], str],
+    op: Callable[[N], str | None],
     key: Callable[[N], Hashable] = id,
 ) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     """Walk back from ``sources`` (the nodes feeding one layer).
 
     ``endpoint(node)`` names a layer (or :data:`INPUT`) where the walk stops, or
-    returns None for an operation to pass through, recording ``op(node)``.
+    returns None for an operation to pass through, recording ``op(node)``
+    (unless that is None: identities at inference such as dropout are passed
+    silently, since exporters drop them and ``via`` must agree across backends).
     Returns the predecessor names (input first, then sorted) and, per
     predecessor, the operations passed from it to the layer, in order.
     """
@@ -41,6 +43,8 @@ def predecessors(
             path = found.setdefault(name, [])
             path += [o for o in reversed(ops) if o not in path]
             continue
-        todo += [(source, ops + (op(current),)) for source in inputs(current)]
+        name = op(current)
+        passed = ops + (name,) if name else ops
+        todo += [(source, passed) for source in inputs(current)]
     order = sorted(found, key=lambda n: (n != INPUT, n))
     return tuple(order), {n: tuple(found[n]) for n in order}

@@ -604,7 +604,10 @@ def _predecessors(node: _Node) -> tuple[tuple[str, ...], dict[str, tuple[str, ..
             return current.layer.name
         return INPUT if current.op in ("input", "missing") else None
 
-    return predecessors(node.inputs, endpoint, lambda n: n.inputs, lambda n: n.op)
+    def op(current: _Node) -> str | None:
+        return None if current.op == "dropout" else current.op  # an identity at inference
+
+    return predecessors(node.inputs, endpoint, lambda n: n.inputs, op)
 
 
 # -- reading MATLAB values (scipy loadmat with struct_as_record=False, robust to True) ------------

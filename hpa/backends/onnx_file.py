@@ -4,7 +4,8 @@
 into the parsed protobuf, so a 550 MB model briefly costs twice its size.
 Here the file is memory-mapped instead, and its protobuf wire format is
 scanned just deep enough (ModelProto.graph -> GraphProto.initializer ->
-TensorProto.raw_data) to find where each large tensor's bytes lie.  Only the
+TensorProto.raw_data, and the tensors of Constant nodes) to find where each
+large tensor's bytes lie.  Only the
 rest (the node list, attributes, small tensors) is parsed by protobuf, and
 every large tensor becomes a numpy view of the mapped file.  Tensors stored as
 external data beside the model are mapped the same way.
@@ -30,8 +31,9 @@ from hpa.files import check_model_file
 # ones stay in the proto so that shape inference can read shape constants.
 INLINE_LIMIT = 4096
 
-# ModelProto.graph, GraphProto.initializer, TensorProto.raw_data field numbers.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+# Field numbers: ModelProto.graph, GraphProto.node and .initializer, NodeProto.attribute,
+# AttributeProto.t, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER, _NODE_ATTRIBUTE, _ATTRIBUTE_TENSOR, _TENSOR_RAW_DATA = 7, 1, 5, 5, 5, 9
 
 _NUMPY_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -173,28 +175,57 @@ def _strip_large_tensors(buf: mmap.mmap, size: int) -> tuple[bytes, dict[str, tu
 
 
 def _strip_graph(buf: mmap.mmap, begin: int, stop: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    from onnx import TensorProto
-
     out = bytearray()
     mapped: dict[str, tuple[int, int]] = {}
     for number, wire, start, value_start, end in _fields(buf, begin, stop):
-        if number != _GRAPH_INITIALIZER or wire != 2 or end - value_start <= INLINE_LIMIT:
+        if wire != 2 or end - value_start <= INLINE_LIMIT or number not in (_GRAPH_INITIALIZER, _GRAPH_NODE):
             out += buf[start:end]
             continue
-        tensor = bytearray()
-        raw = None
-        for n2, w2, s2, v2, e2 in _fields(buf, value_start, end):
-            if n2 == _TENSOR_RAW_DATA and w2 == 2:
-                raw = (v2, e2 - v2)
-            else:
-                tensor += buf[s2:e2]
-        if raw is None:  # float_data etc.: protobuf parses it
-            out += buf[start:end]
-            continue
-        name = TensorProto.FromString(bytes(tensor)).name
-        mapped[name] = raw
-        out += _key(_GRAPH_INITIALIZER) + _varint_bytes(len(tensor)) + tensor
+        if number == _GRAPH_INITIALIZER:
+            stripped = _strip_tensor(buf, value_start, end, mapped, rename=False)
+        else:
+            stripped = _strip_node(buf, value_start, end, mapped)
+        out += buf[start:end] if stripped is None else _key(number) + _varint_bytes(len(stripped)) + stripped
     return bytes(out), mapped
+
+
+def _strip_node(buf: mmap.mmap, begin: int, stop: int, mapped: dict) -> bytes | None:
+    """A NodeProto whose large attribute tensors (Constant values) are left in the file."""
+    out = bytearray()
+    changed = False
+    for number, wire, start, value_start, end in _fields(buf, begin, stop):
+        stripped = None
+        if number == _NODE_ATTRIBUTE and wire == 2 and end - value_start > INLINE_LIMIT:
+            attribute = bytearray()
+            for n2, w2, s2, v2, e2 in _fields(buf, value_start, end):
+                tensor = None
+                if n2 == _ATTRIBUTE_TENSOR and w2 == 2 and e2 - v2 > INLINE_LIMIT:
+                    tensor = _strip_tensor(buf, v2, e2, mapped, rename=True)
+                attribute += buf[s2:e2] if tensor is None else _key(n2) + _varint_bytes(len(tensor)) + tensor
+                changed |= tensor is not None
+            stripped = bytes(attribute)
+        out += buf[start:end] if stripped is None else _key(number) + _varint_bytes(len(stripped)) + stripped
+    return bytes(out) if changed else None
+
+
+def _strip_tensor(buf: mmap.mmap, begin: int, stop: int, mapped: dict, rename: bool) -> bytes | None:
+    """A TensorProto without its raw_data, recorded in ``mapped``; None if it has no raw_data."""
+    from onnx import TensorProto
+
+    tensor = bytearray()
+    raw = None
+    for number, wire, start, value_start, end in _fields(buf, begin, stop):
+        if number == _TENSOR_RAW_DATA and wire == 2:
+            raw = (value_start, end - value_start)
+        else:
+            tensor += buf[start:end]
+    if raw is None:  # float_data etc.: protobuf parses it
+        return None
+    proto = TensorProto.FromString(bytes(tensor))
+    if rename:  # a Constant's tensor: its name is free, so give it a unique key
+        proto.name = f"__hpa_mapped_{raw[0]}"
+    mapped[proto.name] = raw
+    return proto.SerializeToString()
 
 
 def _fields(buf, begin: int, stop: int):

@@ -412,7 +412,10 @@ def _predecessors(node: Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[s
             return target.layer.name
         return INPUT if target.op == "input" else None
 
-    return predecessors(node.inputs, endpoint, lambda n: n.inputs, lambda n: n.op, key=lambda n: n.id)
+    def op(current: Node) -> str | None:
+        return None if current.op in TRANSPARENT else current.op
+
+    return predecessors(node.inputs, endpoint, lambda n: n.inputs, op, key=lambda n: n.id)
 
 
 def _unused_layers(model: torch.nn.Module, seen: set[int]) -> list[Skipped]:
