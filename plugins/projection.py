@@ -12,6 +12,7 @@ null cosine, excluded from n_l, and reported as a warning.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,25 +70,46 @@ def _rows(w):
 
 
 def cosines(filters) -> dict[str, Any]:
-    """Per-row cosine with the all-ones vector, in float64, chunked to bound memory."""
+    """Per-row cosine with the all-ones vector, in float64, chunked to bound memory.
+
+    Large layers are split over the machine's cores: numpy releases the GIL in
+    the conversion and the reductions.
+    """
     import numpy as np
 
     count, n = filters.shape
     sums = np.empty(count)
     norms = np.empty(count)
-    finite = np.empty(count, dtype=bool)
     rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, count, rows):
+
+    def work(start: int) -> None:
         block = np.asarray(filters[start:start + rows], dtype=np.float64)
         sums[start:start + len(block)] = block.sum(axis=1)
         norms[start:start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+
+    starts = range(0, count, rows)
+    if len(starts) > 4 and _WORKERS > 1:
+        with _pool() as pool:
+            list(pool.map(work, starts))
+    else:
+        for start in starts:
+            work(start)
     # A NaN or Inf weight makes its filter's squared norm NaN or Inf (float32 squares cannot overflow).
-    finite[:] = np.isfinite(norms) & np.isfinite(sums)
+    finite = np.isfinite(norms) & np.isfinite(sums)
     dead = finite & (norms == 0)
     valid = finite & ~dead
     cos = np.full(count, np.nan)
     cos[valid] = sums[valid] / (norms[valid] * np.sqrt(n))
     return {"cosines": cos, "valid": valid, "dead": dead, "nonfinite": ~finite}
+
+
+_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=_WORKERS)
 
 
 def summarize(filters, bins: int) -> dict[str, Any]:

@@ -24,8 +24,8 @@ Conventions converted here:
   applied, and MatConvNet computes gamma * (x - mean) / sigma + beta, so the fold
   (STATISTICS.md §0) uses scale = gamma / sigma exactly.
 
-Memory: scipy materialises every array once.  Conv weights are permuted in place
-into C order, so the graph shares that memory; folded layers replace theirs.
+Memory: scipy materialises every array once.  Conv weights are handed on as
+(Cout, Cin, H, W) views of that memory; folded layers replace theirs.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ VIA_NAMES = {
 }
 #: Ops that keep their input's shape.
 _SAME_SHAPE = {"relu", "sigmoid", "tanh", "bnorm", "lrn", "dropout", "softmax", "scale", "noffset", "spnorm"}
-_CHUNK = 1 << 17  # elements permuted at a time (small enough to stay in cache)
 
 
 @dataclass(eq=False)
@@ -460,26 +459,15 @@ def _groups(c_in: int | None, wcin: int, cout: int) -> int | None:
 
 
 def _torch_layout(filters: np.ndarray, dims: tuple[int, int, int, int]) -> np.ndarray:
-    """H x W x Cin x Cout (MATLAB, column-major) -> a C-contiguous (Cout, Cin, H, W) array.
+    """H x W x Cin x Cout (MATLAB, column-major) -> a (Cout, Cin, H, W) view, without copying.
 
-    scipy returns Fortran-ordered arrays, whose memory already holds each filter
-    contiguously as [Cin][W][H]; only each H x W plane needs transposing, which
-    is done in place in chunks so no second copy of a large layer ever exists.
+    The view is not C-contiguous, but each filter's weights are one contiguous
+    block of the file's memory, which is all the statistics need (the
+    projection reads each filter's block in memory order).
     """
-    kh, kw, cin, cout = dims
     if filters.dtype not in (np.float32, np.float64):
         filters = filters.astype(np.float32, order="F")
-    if not (filters.flags.f_contiguous and filters.flags.writeable):
-        return np.ascontiguousarray(filters.reshape(dims, order="F").transpose(3, 2, 0, 1))
-    flat = filters.reshape(-1, order="F")  # a view: the array is F-contiguous
-    if kh > 1 and kw > 1:
-        planes = flat.reshape(cout * cin, kw, kh)
-        target = flat.reshape(cout * cin, kh, kw)
-        step = max(1, _CHUNK // (kh * kw))
-        for start in range(0, cout * cin, step):
-            block = planes[start:start + step].transpose(0, 2, 1).copy()
-            target[start:start + step] = block
-    return flat.reshape(cout, cin, kh, kw)
+    return filters.reshape(dims, order="F").transpose(3, 2, 0, 1)
 
 
 def _out_size(size, kernel, stride, pads, dilation):
