@@ -85,7 +85,8 @@ def scan(spec: Any, statistics: Iterable[str] | None = None, *, compare_init: bo
     if compare_init or init is not None:
         _progress(progress, "loading initialisation", 0, 1)
         init_graph = _load_init(spec, graph, init, load_options)
-    options = {"skip_1x1": skip_1x1, "with_linear": with_linear, "bins": int(bins), **extra}
+    options = {"skip_1x1": skip_1x1, "with_linear": with_linear, "bins": int(bins),
+               "input_size": parse_input_size(input_size), **extra}
     context = StatisticContext(options=options, init=init_graph, progress=progress)
     results = {}
     for stat in stats:

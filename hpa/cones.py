@@ -30,9 +30,14 @@ Because ``<shift_j u_perp, v_perp> = <shift_j emb u, emb v> - s(u) s(v) / D``
 and the norms do not depend on ``j``, the smallest angle belongs to the
 largest raw inner product.
 
-Everything is float64.  The work is chunked over the lower layer's filters
-(and, for very wide layers, the upper filters) so that temporaries stay under
-a memory bound, and runs on CUDA when asked to.
+Everything is float64.  Where the best cosine is within ~1e-15 of 1 (a kernel
+that is nearly a shift of its predecessor) the spec's ``arccos`` turns a
+rounding error ``e`` into an angle error of ``sqrt(2e)``, about 1e-8: any
+implementation of the formula shares this.
+
+The work goes in blocks of (lower filters x predecessors x upper filters)
+whose temporaries stay under a memory bound; on a CPU the blocks are shared
+among worker threads, and on CUDA they run on the GPU.
 """
 
 from __future__ import annotations
@@ -216,15 +221,14 @@ def summarize(stats: ConePairStatistics, bins: int = 40) -> dict[str, Any]:
         "states": counts,
         "fractions": {k: (v / n_live if n_live else None) for k, v in counts.items()},
     }
-    histograms = {}
+    histograms: dict[str, Any] = {"range": [0.0, 1.0]}  # counts of per-cone means in equal bins
     for key, values in (("distance", stats.distance), ("opening", stats.opening), ("rotation", stats.rotation)):
         finite = None if values is None else values[np.isfinite(values)]
         if finite is None or finite.size == 0:
             out[key] = {"mean": None, "std": None}
             continue
         out[key] = {"mean": float(finite.mean()), "std": float(finite.std())}
-        hist, edges = np.histogram(finite, bins=bins, range=(0.0, 1.0))
-        histograms[key] = {"edges": edges.tolist(), "counts": hist.tolist()}
+        histograms[key] = np.histogram(finite, bins=bins, range=(0.0, 1.0))[0].tolist()
     out["plane"] = None if stats.plane is None else list(stats.plane)
     out["max_distance"] = stats.max_distance
     out["histograms"] = histograms
@@ -300,88 +304,173 @@ def _states(upper: _Kernels, lower: _Kernels):
 
 def _pair_loop(upper: _Kernels, lower: _Kernels, keep, plane, rotation: bool, memory_mb: float,
                out: _PerCone) -> None:
-    """Sums over predecessors, chunk by chunk; never a Python loop over pairs."""
+    """Sums over predecessors, block by block; never a Python loop over pairs.
+
+    On a CPU the blocks of lower filters are shared among ``torch.get_num_threads()``
+    Python threads, each running torch single-threaded: torch releases the GIL
+    inside its kernels, and independent workers do not stall at the barrier of
+    every parallel region when other processes share the cores.
+    """
     import torch
 
+    work = _PairWork(upper, lower, keep, plane, rotation)
     f_low, per_filter = upper.sums.shape
-    c = lower.per_filter
-    with_plane = plane is not None
-    rotate = with_plane and rotation
-    if rotate:
-        size = plane[0] * plane[1]
-        shifts, has_zero = candidate_shifts(upper.kernel, lower.kernel, plane)
-        index = torch.as_tensor(shift_gather_index(upper.kernel, lower.kernel, plane, shifts),
-                                device=lower.flat.device)
-        n_shifts, n_taps = len(shifts), upper.flat.shape[-1]
-        v_padded = torch.cat([lower.flat, lower.flat.new_zeros(f_low, c, 1)], dim=-1)
-        low_scaled = lower.sums / size
-        rotation_defined = bool((upper.perp_norm[keep] > 0).all()) and bool((lower.perp_norm > 0).all())
+    dev = lower.flat.device
+    workers = 1 if dev.type != "cpu" else max(1, min(torch.get_num_threads(), f_low))
+    o_step, p_step, f_step = _chunking(f_low, lower.per_filter, per_filter, work.n_shifts, work.n_taps,
+                                       memory_mb / workers)
+    if workers > 1:
+        o_step = min(o_step, -(-f_low // workers))  # at least one block per worker
+    starts = [o0 for o0 in range(0, f_low, o_step) if bool(keep[o0:o0 + o_step].any())]
+    steps = (o_step, p_step, f_step)
+    if workers == 1 or len(starts) == 1:
+        buffers = work.buffers(steps)
+        for o0 in starts:
+            work.run(o0, steps, buffers, out)
     else:
-        n_shifts = n_taps = 0
-    o_step, f_step = _chunking(f_low, per_filter, c, n_shifts, n_taps, memory_mb, lower.flat.device)
-    for o0 in range(0, f_low, o_step):
-        o1 = min(o0 + o_step, f_low)
-        if not bool(keep[o0:o1].any()):
-            continue
-        av, alv = lower.apex[o0:o1, None, :], None if not with_plane else lower.opening[o0:o1, None, :]
-        if rotate:
-            # (O, C, taps, J) -> (O, taps, J*C): the entries of v that meet u's taps at each shift
-            gathered = v_padded[o0:o1][:, :, index].permute(0, 2, 3, 1).reshape(o1 - o0, n_taps, -1)
-        for f0 in range(0, per_filter, f_step):
-            f1 = min(f0 + f_step, per_filter)
-            sl = (slice(o0, o1), slice(f0, f1))
-            diff = upper.apex[sl][..., None] - av
-            out.dist_sum[sl] = diff.abs_().sum(-1)
-            del diff
-            if with_plane:
-                diff = upper.opening[sl][..., None] - alv
-                out.open_sum[sl] = diff.abs_().sum(-1)
-                del diff
-            if rotate:
-                _rotation_chunk(upper, lower, sl, gathered, n_shifts, has_zero, low_scaled, rotation_defined,
-                                out)
+        _in_threads(work, starts, steps, workers, out)
+    out.rot_sum /= math.pi
 
 
-def _rotation_chunk(upper: _Kernels, lower: _Kernels, sl, gathered, n_shifts: int, has_zero: bool,
-                    low_scaled, all_defined: bool, out: _PerCone) -> None:
+def _in_threads(work: _PairWork, starts: list[int], steps, workers: int, out: _PerCone) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
-    o_slice = sl[0]
-    u = upper.flat[sl]  # (O, F, taps)
-    n_o, n_f = u.shape[:2]
-    inner = torch.bmm(u, gathered).view(n_o, n_f, n_shifts, -1)  # (O, F, J, C)
-    best = inner.amax(2)  # (O, F, C): the largest raw inner product over shifts
-    del inner
-    if has_zero:
-        best.clamp_(min=0.0)
-    # cos = (<shift emb u, emb v> - s(u) s(v) / D) / (||u_perp|| ||v_perp||)
-    best.sub_(upper.sums[sl][..., None] * low_scaled[o_slice, None, :])
-    best.div_(upper.perp_norm[sl][..., None]).div_(lower.perp_norm[o_slice, None, :])
-    best.clamp_(-1.0, 1.0).arccos_().div_(math.pi)
-    if all_defined:
-        out.rot_sum[sl] = best.sum(-1)
-        out.rot_count[sl] = best.shape[-1]
-        return
-    defined = torch.isfinite(best)
-    out.rot_sum[sl] = torch.where(defined, best, 0.0).sum(-1)
-    out.rot_count[sl] = defined.sum(-1).to(torch.float64)
+    local = threading.local()
+
+    def task(o0: int) -> None:
+        if not hasattr(local, "buffers"):
+            local.buffers = work.buffers(steps)
+        work.run(o0, steps, local.buffers, out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(task, starts):
+                pass
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _chunking(f_low: int, per_filter: int, c: int, n_shifts: int, n_taps: int, memory_mb: float,
-              device) -> tuple[int, int]:
-    """How many lower filters (and upper filters) per chunk, to stay under ``memory_mb``."""
-    budget = max(float(memory_mb), 1.0) * 2**20
-    if device.type == "cpu":
-        # Small chunks stay in cache; the bound still applies when it is smaller.
-        budget = min(budget, 48 * 2**20)
-    gathered = 8.0 * c * n_taps * n_shifts
-    per_row = 8.0 * c * (n_shifts + 4)  # one upper filter: inner products plus a few (C,) temporaries
-    f_step = per_filter
-    if gathered + per_filter * per_row > budget:
-        f_step = max(1, int((budget - gathered) // per_row))
-    per_o = gathered + f_step * per_row
-    o_step = max(1, int(budget // per_o)) if f_step == per_filter else 1
-    return min(o_step, f_low), min(f_step, per_filter)
+class _PairWork:
+    """What every block of one layer pair shares, and the computation of one block of lower filters.
+
+    Per block every tensor is laid out ``(o, p, i)``: lower filter, predecessor,
+    upper filter.  Workspaces are allocated once per worker, because fresh large
+    allocations cost page faults that would dominate on a CPU.
+    """
+
+    def __init__(self, upper: _Kernels, lower: _Kernels, keep, plane, rotation: bool) -> None:
+        import torch
+
+        self.upper, self.lower, self.keep, self.plane = upper, lower, keep, plane
+        self.rotate = plane is not None and rotation
+        self.n_shifts = self.n_taps = 0
+        if not self.rotate:
+            return
+        f_low, c = lower.sums.shape
+        size = plane[0] * plane[1]
+        shifts, self.has_zero = candidate_shifts(upper.kernel, lower.kernel, plane)
+        # (J, taps), so that indexing gives (O, C, J, taps): (O, C*J, taps) without a copy
+        self.index = torch.as_tensor(shift_gather_index(upper.kernel, lower.kernel, plane, shifts).T,
+                                     device=lower.flat.device)
+        self.n_shifts, self.n_taps = len(shifts), upper.flat.shape[-1]
+        # Scaling each kernel by 1/||x_perp|| first leaves the best shift unchanged and turns the
+        # maximum straight into a cosine; an undefined rotation (x_perp = 0) becomes NaN.
+        low_scale = torch.where(lower.perp_norm > 0, 1.0 / lower.perp_norm, torch.nan)
+        up_scale = torch.where(upper.perp_norm > 0, 1.0 / upper.perp_norm, torch.nan)
+        self.v_scaled = torch.cat([lower.flat * low_scale[..., None], lower.flat.new_zeros(f_low, c, 1)], dim=-1)
+        self.u_scaled = (upper.flat * up_scale[..., None]).transpose(1, 2)  # (F_low, taps, F_per)
+        self.low_mean = lower.sums * low_scale / size  # s(v) / (D ||v_perp||)
+        self.up_mean = upper.sums * up_scale  # s(u) / ||u_perp||
+        self.all_defined = bool(torch.isfinite(self.up_mean[keep]).all()) and bool(
+            torch.isfinite(self.low_mean).all())
+
+    def buffers(self, steps):
+        import torch
+
+        n = steps[0] * steps[1] * steps[2]
+        dev = self.lower.flat.device
+        return (torch.empty(n * max(self.n_shifts, 1), dtype=torch.float64, device=dev),
+                torch.empty(n, dtype=torch.float64, device=dev))
+
+    def run(self, o0: int, steps, buffers, out: _PerCone) -> None:
+        import torch
+
+        upper, lower = self.upper, self.lower
+        o_step, p_step, f_step = steps
+        work, pairs = buffers
+        f_low, per_filter = upper.sums.shape
+        c, n_shifts, n_taps = lower.per_filter, self.n_shifts, self.n_taps
+        o1 = min(o0 + o_step, f_low)
+        n_o = o1 - o0
+        if self.rotate:
+            # (O, C, J, taps): the entries of v that meet each tap of u at each candidate shift
+            gathered = self.v_scaled[o0:o1][:, :, self.index]
+        for p0 in range(0, c, p_step):
+            p1 = min(p0 + p_step, c)
+            n_p = p1 - p0
+            for f0 in range(0, per_filter, f_step):
+                f1 = min(f0 + f_step, per_filter)
+                n_f = f1 - f0
+                sl = (slice(o0, o1), slice(f0, f1))
+                block = pairs[: n_o * n_p * n_f].view(n_o, n_p, n_f)
+                out.dist_sum[sl] += _abs_difference_sum(upper.apex[sl], lower.apex[o0:o1, p0:p1], block)
+                if self.plane is not None:
+                    out.open_sum[sl] += _abs_difference_sum(upper.opening[sl], lower.opening[o0:o1, p0:p1], block)
+                if not self.rotate:
+                    continue
+                inner = work[: n_o * n_p * n_shifts * n_f].view(n_o, n_p * n_shifts, n_f)
+                torch.bmm(gathered[:, p0:p1].reshape(n_o, n_p * n_shifts, n_taps), self.u_scaled[o0:o1, :, f0:f1],
+                          out=inner)
+                # the largest inner product over shifts, per (o, p, i); 0 joins when some shift misses
+                torch.amax(inner.view(n_o, n_p, n_shifts, n_f), 2, out=block)
+                if self.has_zero:
+                    block.clamp_(min=0.0)
+                # cos = <shift emb u, emb v> / (|u_perp| |v_perp|) - s(u) s(v) / (D |u_perp| |v_perp|)
+                block.addcmul_(self.low_mean[o0:o1, p0:p1, None], self.up_mean[sl][:, None, :], value=-1.0)
+                block.clamp_(-1.0, 1.0).arccos_()
+                if self.all_defined:
+                    out.rot_sum[sl] += block.sum(1)
+                    out.rot_count[sl] += n_p
+                else:
+                    out.rot_count[sl] += torch.isfinite(block).sum(1).to(torch.float64)
+                    out.rot_sum[sl] += block.nan_to_num_(0.0).sum(1)
+
+
+def _abs_difference_sum(upper_values, lower_values, block):
+    """sum_p |x_up[o, i] - x_low[o, p]| per (o, i), computed in ``block`` (O, C, F)."""
+    import torch
+
+    torch.sub(upper_values[:, None, :], lower_values[:, :, None], out=block)
+    return block.abs_().sum(1)
+
+
+def _chunking(f_low: int, c: int, per_filter: int, n_shifts: int, n_taps: int,
+              memory_mb: float) -> tuple[int, int, int]:
+    """Lower filters, predecessors and upper filters per block, keeping temporaries under ``memory_mb``.
+
+    A block of ``O x P x F`` pairs needs ``J + 2`` doubles per pair (the inner
+    products over J shifts, the pair block, one reduction temporary), plus the
+    gathered lower kernels of its ``O`` filters.
+    """
+    budget = max(float(memory_mb), 1e-3) * 2**20
+    # Large blocks, on a CPU too: every torch call is a parallel region whose barrier costs a
+    # scheduler time slice when the cores are shared, so fewer, bigger calls are much faster.
+    target = budget / 2
+    per_pair = 8.0 * (max(n_shifts, 1) + 2)
+    pairs = max(1, int(target // per_pair))
+    f_step = min(per_filter, pairs)
+    p_step = min(c, max(1, pairs // f_step))
+    o_step = 1
+    if p_step == c and f_step == per_filter:
+        gathered_per_o = 8.0 * c * n_shifts * n_taps
+        o_fit = int((budget / 2) // gathered_per_o) if gathered_per_o else f_low
+        o_step = max(1, min(pairs // (c * per_filter), o_fit))
+    return min(o_step, f_low), p_step, f_step
 
 
 def _to_upper_order(values: np.ndarray, groups: int, per_filter: int, per_group_up: int) -> np.ndarray:

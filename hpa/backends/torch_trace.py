@@ -321,6 +321,10 @@ def finish_layers(nodes: list[Node], fold_bn: bool) -> list[Layer]:
         layer = node.layer
         layer.index = len(layers)
         layers.append(layer)
+        if layer.channel_bias is not None:
+            # A channel-wise-ReLU layer rectifies inside, before its channel sum: its converter
+            # set the activation, and a BatchNorm after the sum is not part of its units.
+            continue
         end = node
         nxt = consumers[node.id]
         if fold_bn and len(nxt) == 1 and _foldable(nxt[0]):
