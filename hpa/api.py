@@ -139,6 +139,7 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
             raise OptionError(f"the {graph.source['loader']} loader cannot build a fresh initialisation of "
                               "this model; save the initial weights and pass --init PATH")
         init_graph = load(spec, **options)
+        init_graph.source.update(weights="none", seed=options["seed"])
     else:
         init_graph = _load_snapshot(spec, graph, os.fspath(init), options)
     init_graph.source.setdefault("role", "init")
