@@ -85,7 +85,8 @@ def _create(timm, name: str, **kwargs):
 
 def _offline_error(name: str, exc: BaseException) -> LoadError:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")  # the first sentence says enough
     offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return LoadError(f"no cached pretrained weights for timm:{name} and they cannot be downloaded{offline}: "
-                     f"{text[:160]}; fill the Hugging Face cache on a connected machine, or pass --weights PATH, "
+                     f"{text}; fill the Hugging Face cache on a connected machine, or pass --weights PATH, "
                      "or --weights none for a random init")
