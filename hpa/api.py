@@ -129,7 +129,8 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
     options = dict(load_options)
     if init is None:
         options["weights"] = "none"
-        if _is_torch_module(spec):
+        module = _is_torch_module(spec)
+        if module:
             from hpa.backends.torch_module import reinitialised
             spec = reinitialised(spec, options["seed"])
             options["weights"] = None
@@ -139,7 +140,8 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
             raise OptionError(f"the {graph.source['loader']} loader cannot build a fresh initialisation of "
                               "this model; save the initial weights and pass --init PATH")
         init_graph = load(spec, **options)
-        init_graph.source.update(weights="none", seed=options["seed"])
+        if module:  # no loader labels a re-initialised module
+            init_graph.source.update(weights="none", seed=options["seed"])
     else:
         init_graph = _load_snapshot(spec, graph, os.fspath(init), options)
     init_graph.source.setdefault("role", "init")

@@ -58,6 +58,7 @@ def test_compare_init_for_a_module_uses_a_fresh_seeded_init():
     c = hpa.scan(net, input_size=(1, 9, 9), compare_init=True, seed=4)
     cos = lambda r: r.statistics["projection"].layers["0"]["init"]["cosines"]  # noqa: E731
     assert cos(a) == cos(b) and cos(a) != cos(c)
+    assert (a.init.source["weights"], a.init.source["seed"]) == ("none", 3)
     assert a.statistics["projection"].layers["0"]["cosines"] != cos(a)
 
 
