@@ -111,10 +111,8 @@ def _load_state(model, state, where) -> None:
     import numpy as np
     import torch
 
+    from hpa.backends.torch_models import load_into
+
     # numpy arrays from a memory-mapped file are read-only; copy them (zoo models are tiny)
     state = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise LoadError(f"{where} does not fit this zoo architecture ({detail})") from exc
+    load_into(model, state, f"this zoo architecture ({where})")

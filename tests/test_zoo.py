@@ -163,7 +163,7 @@ def test_weights_path_loads_a_local_state_dict(tmp_path):
 
 
 def test_weights_for_another_architecture_is_a_load_error():
-    with pytest.raises(hpa.LoadError, match="does not fit"):
+    with pytest.raises(hpa.LoadError, match="do not fit this zoo architecture"):
         hpa.load("zoo:digits_cnn", weights=str(models.MODELS["digits_vgg"].weights_path))
 
 
