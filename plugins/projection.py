@@ -182,11 +182,29 @@ def compute(graph: ConvGraph, context: StatisticContext) -> StatisticResult:
 def _skip_reason(layer: Layer, options: Mapping[str, Any]) -> str | None:
     if layer.kind == "linear" and not options.get("with_linear"):
         return "linear layer; pass --with-linear to include linear layers"
+    if fully_connected(layer) and not options.get("with_linear"):
+        return ("a fully-connected layer written as a conv (its kernel covers the whole input plane); "
+                "pass --with-linear to include linear layers")
     if options.get("skip_1x1") and layer.kind != "linear" and all(k == 1 for k in layer.kernel_size):
         return "1x1 conv skipped by --skip-1x1 (as the reference code did)"
     if layer.weight.size == 0:
         return "layer has no weights"
     return None
+
+
+def fully_connected(layer: Layer) -> bool:
+    """A conv whose kernel covers its whole (padded) input plane, giving one output position.
+
+    It computes exactly what a linear layer does (VGG's fc6-fc8 in MatConvNet files
+    and in timm), so it follows the linear-layer rule and a model gives the same
+    layers whichever format it comes in.
+    """
+    if layer.kind not in ("conv1d", "conv2d", "conv3d") or None in (layer.input_shape, layer.output_shape,
+                                                                     layer.padding, layer.dilation):
+        return False
+    planes = zip(layer.kernel_size, layer.input_shape[1:], layer.padding, layer.dilation)
+    covers = all((k - 1) * d + 1 == n + begin + end for k, n, (begin, end), d in planes)
+    return covers and all(size == 1 for size in layer.output_shape[1:])
 
 
 def _note_nonfinite(layer: Layer, values: dict[str, Any], result: StatisticResult) -> None:

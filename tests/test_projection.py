@@ -126,3 +126,17 @@ def test_column_major_weights_give_the_same_cosines_without_a_copy():
     values = scan_layers(conv(weight=torch_order)).layers["c"]
     expected = [direct_cosine(np.ascontiguousarray(torch_order[i])) for i in range(7)]
     np.testing.assert_allclose(values["cosines"], expected, atol=1e-12)
+
+
+def test_a_conv_that_is_a_fully_connected_layer_follows_the_linear_rule():
+    rng = np.random.default_rng(7)
+    fc6 = conv("fc6", rng.normal(size=(8, 4, 7, 7)), input_shape=(4, 7, 7), output_shape=(8, 1, 1),
+               padding=((0, 0), (0, 0)), dilation=(1, 1), stride=(1, 1))
+    fc7 = conv("fc7", rng.normal(size=(8, 8, 1, 1)), input_shape=(8, 1, 1), output_shape=(8, 1, 1),
+               padding=((0, 0), (0, 0)), dilation=(1, 1), stride=(1, 1))
+    sliding = conv("conv", rng.normal(size=(8, 4, 7, 7)), input_shape=(4, 9, 9), output_shape=(8, 3, 3),
+                   padding=((0, 0), (0, 0)), dilation=(1, 1), stride=(1, 1))
+    default = scan_layers(fc6, fc7, sliding)
+    assert set(default.layers) == {"conv"}
+    assert {s.name for s in default.skipped if "fully-connected" in s.reason} == {"fc6", "fc7"}
+    assert set(scan_layers(fc6, fc7, sliding, with_linear=True).layers) == {"fc6", "fc7", "conv"}
