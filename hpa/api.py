@@ -11,14 +11,6 @@ from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS, ConvGraph
 from hpa.plugins import registries
 from hpa.registry import Loader, LoadOptions, StatisticContext, match, parse_spec
 
-#: Scan options understood by the built-in statistics, with their defaults.
-SCAN_DEFAULTS: dict[str, Any] = {
-    "skip_1x1": False,  # skip 1x1 convs as the reference code did
-    "with_linear": False,  # include linear layers (off by default, as in the reference code)
-    "bins": 40,  # histogram bins over [-1, 1]
-}
-
-
 def list_loaders() -> list[Loader]:
     return registries()["loaders"].items()
 
@@ -152,7 +144,7 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
 def _load_snapshot(spec: Any, graph: ConvGraph, path: str, options: dict[str, Any]) -> ConvGraph:
     if _is_torch_module(spec):
         from hpa.backends.torch_module import with_state_dict
-        return load(with_state_dict(spec, path), **options)
+        return load(with_state_dict(spec, path, options["trust_pickle"]), **options)
     if _builds_init(graph):
         options["weights"] = path
         return load(spec, **options)

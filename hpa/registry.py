@@ -126,9 +126,6 @@ class Registry(Generic[T]):
         except KeyError:
             raise SpecError(f"unknown {self.what} {name!r}{suggest(name, self._items)}") from None
 
-    def owner(self, name: str) -> str:
-        return self._owners[name]
-
     def names(self) -> list[str]:
         return sorted(self._items)
 

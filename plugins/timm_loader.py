@@ -44,10 +44,9 @@ def load(name: str, options: LoadOptions):
     kwargs = dict(options.extra)
     source = {"weights": weights or "pretrained"}
     if weights is not None and weights.lower() == "none":
-        import torch
+        from hpa.backends.torch_models import seeded
 
-        torch.manual_seed(options.seed)
-        model = _create(timm, name, pretrained=False, **kwargs)
+        model = seeded(lambda: _create(timm, name, pretrained=False, **kwargs), options.seed)
         source.update(weights="none", seed=options.seed)
     elif weights is not None:
         if not os.path.exists(weights):

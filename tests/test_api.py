@@ -92,3 +92,13 @@ def test_listing_functions():
     assert {"torchvision", "timm", "torch", "zoo", "onnx", "matconvnet"} <= {l.prefix for l in hpa.list_loaders()}
     assert "projection" in {s.name for s in hpa.list_statistics()}
     assert isinstance(hpa.list_experiments(), list)
+
+
+def test_init_snapshot_of_a_module_honours_trust_pickle(tmp_path):
+    net = model()
+    torch.save(model(), tmp_path / "whole_module.pt")  # a pickled nn.Module, not a state_dict
+    with pytest.raises(hpa.UnsafeFileError, match="--trust-pickle"):
+        hpa.scan(net, input_size=(1, 9, 9), init=tmp_path / "whole_module.pt")
+    result = hpa.scan(net, input_size=(1, 9, 9), init=tmp_path / "whole_module.pt", trust_pickle=True,
+                      statistics=["projection"])
+    assert result.statistics["projection"].layers["0"]["distance_from_init"]["relative_l2"] == 0.0

@@ -34,7 +34,8 @@ def graph_from_state_dict(state: Mapping[str, Any], to_numpy: Callable[[Any], np
     for prefix, tensors in groups.items():
         weight = tensors.get("weight")
         if "running_mean" in tensors and "running_var" in tensors:
-            previous = _handle_batchnorm(prefix, tensors, previous, fold_bn, to_numpy, skipped)
+            _fold_or_list_batchnorm(prefix, tensors, previous, fold_bn, to_numpy, skipped)
+            previous = None  # a second BatchNorm never folds into the same layer
             continue
         kind = _KINDS.get(len(getattr(weight, "shape", ()))) if weight is not None else None
         if kind is None or not _is_float(weight):
@@ -52,20 +53,19 @@ def graph_from_state_dict(state: Mapping[str, Any], to_numpy: Callable[[Any], np
     return ConvGraph(layers, source=info, skipped=skipped)
 
 
-def _handle_batchnorm(prefix, tensors, previous, fold_bn, to_numpy, skipped) -> None:
+def _fold_or_list_batchnorm(prefix, tensors, previous, fold_bn, to_numpy, skipped) -> None:
     channels = int(np.prod(getattr(tensors["running_mean"], "shape", (0,))))
     if not fold_bn:
-        return None
+        return
     if previous is None or previous.bn_folded or previous.out_channels != channels:
         skipped.append(Skipped(prefix, "BatchNorm that does not directly follow a conv or linear layer "
                                        "with the same channels in the file; not folded"))
-        return None
+        return
     gamma, beta = tensors.get("weight"), tensors.get("bias")
     previous.weight, previous.bias = fold_batchnorm(
         previous.weight, previous.bias, to_numpy(tensors["running_mean"]), to_numpy(tensors["running_var"]),
         None if gamma is None else to_numpy(gamma), None if beta is None else to_numpy(beta), eps=BN_EPS)
     previous.bn_folded = True
-    return None
 
 
 def _group_by_module(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -20,9 +20,9 @@ def reinitialised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return fresh
 
 
-def with_state_dict(module: torch.nn.Module, path: str) -> torch.nn.Module:
+def with_state_dict(module: torch.nn.Module, path: str, trust_pickle: bool = False) -> torch.nn.Module:
     """A copy of ``module`` holding the weights saved at ``path``."""
-    state = read_state_dict(path, trust_pickle=False)
+    state = read_state_dict(path, trust_pickle=trust_pickle)
     snapshot = copy.deepcopy(module)
     snapshot.load_state_dict(state)
     return snapshot
