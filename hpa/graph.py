@@ -36,6 +36,42 @@ LAYER_KINDS = CONV_KINDS + TRANSPOSED_KINDS + ("linear",)
 #: The pseudo-layer name used as predecessor of layers fed by the model input.
 INPUT = "input"
 
+# -- canonical operation names ---------------------------------------------------------------
+# Every backend maps its own spelling (torch function, ONNX op type, MatConvNet block type) to
+# these names before it writes ``Layer.activation`` or ``Layer.via``, so statistics test
+# membership here and nowhere else.
+
+#: Activation functions, as ``Layer.activation`` names them.
+ACTIVATIONS = frozenset({
+    "relu", "leaky_relu", "prelu", "relu6", "silu", "gelu", "hardswish", "sigmoid", "tanh", "elu",
+    "selu", "celu", "mish", "softplus", "hardsigmoid", "hardtanh", "rrelu", "glu", "softsign",
+    "logsigmoid", "threshold", "clamp",
+})
+#: Operations that pass a tensor on unchanged at inference time.
+INFERENCE_IDENTITIES = frozenset({
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "identity", "contiguous", "clone", "detach", "to", "float", "type_as", "cast",
+})
+#: Operations that act element by element (a plane keeps its size and pixel positions).
+ELEMENTWISE = ACTIVATIONS | INFERENCE_IDENTITIES
+
+#: Field names a loader may list in ``Layer.inferred``.
+INFERABLE_FIELDS = ("kind", "stride", "padding", "dilation", "groups", "activation", "predecessors",
+                    "bn_folded", "input_shape", "output_shape")
+
+
+def unique_name(name: str, used: dict[str, int]) -> str:
+    """``name``, or ``name#2``, ``name#3``, ... when ``used`` has seen it; updates ``used``."""
+    count = used.get(name, 0) + 1
+    used[name] = count
+    return name if count == 1 else f"{name}#{count}"
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: tuple[int, int] = (0, 0),
+                     dilation: int = 1) -> int:
+    """Output length of a conv along one axis: floor((m + p0 + p1 - d*(k-1) - 1) / s) + 1."""
+    return (size + padding[0] + padding[1] - dilation * (kernel - 1) - 1) // stride + 1
+
 
 @dataclass(eq=False)
 class Layer:
@@ -59,6 +95,15 @@ class Layer:
     predecessors: tuple[str, ...] = ()
     via: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ops passed per predecessor
     channel_bias: np.ndarray | None = None  # (out, in/groups): one bias per kernel (000 eq. 4)
+    # Fields (names from INFERABLE_FIELDS) that the loader inferred rather than read from the
+    # source, e.g. ("kind", "activation") for a bare state_dict.  Empty: everything was read.
+    inferred: tuple[str, ...] = ()
+    # Where the numbers come from: role -> tensor name in the source's state
+    # ("weight", "bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"), plus
+    # "bn.eps" as a float when a BatchNorm was folded.  Empty when the weight is computed.
+    params: dict[str, object] = field(default_factory=dict)
+    # The control-flow branch that holds the layer ("If_0/then_branch"), None at top level.
+    branch: str | None = None
 
     @property
     def transposed(self) -> bool:
@@ -107,6 +152,9 @@ class Layer:
             "predecessors": list(self.predecessors),
             "via": {k: list(v) for k, v in self.via.items()},
             "channel_bias": self.channel_bias is not None,
+            "inferred": list(self.inferred),
+            "params": dict(self.params),
+            "branch": self.branch,
         }
 
 

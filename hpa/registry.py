@@ -33,6 +33,21 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One option a loader, statistic or task declares; ``-o NAME=VALUE`` on the CLI.
+
+    The core routes each key to the one plugin that declares it, converts the CLI
+    string with ``type`` and refuses unknown keys with a "did you mean".
+    """
+
+    name: str  # the -o key and the hpa.load/hpa.scan keyword, snake_case
+    type: Callable[[Any], Any] = str  # bool, int, float, str, or a converter raising ValueError
+    default: Any = None
+    help: str = ""  # one line
+    choices: tuple[Any, ...] = ()  # allowed values after conversion; empty: any
+
+
+@dataclass(frozen=True)
 class Loader:
     """A source of models: ``prefix:name`` specs, or plain paths with one of ``suffixes``."""
 
@@ -44,6 +59,13 @@ class Loader:
     builds_init: bool = False
     suffixes: tuple[str, ...] = ()  # file suffixes claimed for plain paths, e.g. (".onnx",)
     description: str = ""
+    options: tuple[Option, ...] = ()  # loader-specific options (-o KEY=VALUE)
+    # Recognises the loader's files by content (for paths with no or an unknown suffix):
+    # path -> True when the file is in this loader's format.  Reads a few bytes, never unpickles.
+    sniff: Callable[[Path], bool] | None = None
+    # Builds the trainable torch.nn.Module that ``load`` traces: (name, options) -> module.
+    # ``load`` is then trace(build(...)); experiments train what build returns.
+    build: Callable[[str, LoadOptions], Any] | None = None
 
 
 @dataclass
@@ -85,6 +107,7 @@ class Statistic:
     # Why the statistic does not apply to a graph (None: it applies).  A default scan
     # runs only the statistics that apply and records the others with their reason.
     applies: Callable[[ConvGraph], str | None] | None = None
+    options: tuple[Option, ...] = ()  # statistic-specific options (-o KEY=VALUE)
 
 
 @dataclass(frozen=True)
