@@ -7,14 +7,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
+# Set-up is quiet unless it fails; then the whole log is shown.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "setting up $(VENV) (log: $(VENV)-install.log) ..."
+	@( $(PYTHON) -m venv $(VENV) && \
+	   $(BIN)/pip install --quiet --upgrade pip && \
+	   $(BIN)/pip install --quiet -e '.[test]' ) > $(VENV)-install.log 2>&1 \
+	 || { cat $(VENV)-install.log; echo "set-up failed; the log is above and in $(VENV)-install.log"; exit 1; }
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hpa scan zoo:digits_cnn --compare-init --out demo-output
+	@echo ""
+	@echo "hpa is installed in $(VENV). To use it:  . $(VENV)/bin/activate  then  hpa --help"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -23,4 +28,4 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VENV)-install.log demo-output .pytest_cache
