@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench mutation clean
 
 # Set-up is quiet unless it fails; then the whole log is shown.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# make mutation : the fixed list of mutants in tools/mutation.py, each on a copy of the tree; fails on a survivor
+mutation: $(STAMP)
+	$(BIN)/python tools/mutation.py
 
 clean:
 	rm -rf $(VENV) $(VENV)-install.log demo-output .pytest_cache

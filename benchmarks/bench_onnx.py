@@ -5,8 +5,10 @@
 Builds once, cached under ``benchmarks/data/``, a VGG-19 with torchvision's
 random init exported by ``torch.onnx.export`` (legacy exporter) to a single
 ``.onnx`` file with the weights inside (no external data, the common case and
-the harder one for memory), plus a copy of the same model saved with external
-data beside it.  Then, each in a fresh subprocess with the file in the page
+the harder one for memory), a copy of the same model saved with external
+data beside it, and a copy whose whole network sits in the ``then`` branch of
+an ``If`` with every weight a ``Constant`` node inside the branch (as spox
+writes per-sample-rate models), so that subgraph weights are held to the same bars.  Then, each in a fresh subprocess with the file in the page
 cache:
 
 * ``onnx.load(path)`` alone;
@@ -38,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 SINGLE = DATA / "vgg19.onnx"
 EXTERNAL = DATA / "vgg19_external" / "vgg19.onnx"
+BRANCH = DATA / "vgg19_branch.onnx"
 
 _MEMORY = """
 import os, time
@@ -78,7 +81,7 @@ print(json.dumps({"seconds": seconds, "peak": _status("VmHWM") - base, "base": b
 
 def build() -> None:
     """Export VGG-19 (random init) once: a single file, and a copy with external data."""
-    if SINGLE.exists() and EXTERNAL.exists():
+    if SINGLE.exists() and EXTERNAL.exists() and BRANCH.exists():
         return
     import warnings
 
@@ -99,6 +102,8 @@ def build() -> None:
         EXTERNAL.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(onnx.load(str(SINGLE)), str(EXTERNAL), save_as_external_data=True,
                   all_tensors_to_one_file=True, location="vgg19.weights", size_threshold=1024)
+    if not BRANCH.exists():
+        _write_branch_copy(SINGLE, BRANCH)
     tiny = DATA / "tiny.onnx"
     if not tiny.exists():
         torch.manual_seed(0)
@@ -106,6 +111,27 @@ def build() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(tiny), dynamo=False)
+
+
+def _write_branch_copy(source: Path, target: Path) -> None:
+    """The model of ``source`` inside the then branch of an If, its initializers Constant nodes there."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    out = graph.output[0].name
+    then = helper.make_graph(constants + list(graph.node), "then", [],
+                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", [graph.input[0].name], ["passthrough"])], "else", [],
+                              [helper.make_tensor_value_info("passthrough", TensorProto.FLOAT, None)])
+    branchy = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="If_0", then_branch=then, else_branch=other)], "branchy",
+        [graph.input[0], helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(branchy, opset_imports=model.opset_import, ir_version=model.ir_version),
+              str(target))
 
 
 def _size(path: Path) -> int:
@@ -157,7 +183,8 @@ def main() -> None:
     build()
     ok = True
     cases = [("single file", SINGLE, False), ("single file, --with-linear (every weight read)", SINGLE, True),
-             ("external data", EXTERNAL, False), ("external data, --with-linear", EXTERNAL, True)]
+             ("external data", EXTERNAL, False), ("external data, --with-linear", EXTERNAL, True),
+             ("inside an If branch, Constant weights", BRANCH, False)]
     for label, path, with_linear in cases:
         r = measure(path, args.repeat, with_linear)
         time_ok, memory_ok = r["time_ratio"] <= 1.5, r["hpa_peak_ratio"] <= 1.2
@@ -171,6 +198,7 @@ def main() -> None:
               f"memory ratio {r['hpa_peak_ratio']:.2f} (bar 1.2: {'ok' if memory_ok else 'FAIL'})")
     if args.clean:
         SINGLE.unlink(missing_ok=True)
+        BRANCH.unlink(missing_ok=True)
         (DATA / "tiny.onnx").unlink(missing_ok=True)
         shutil.rmtree(EXTERNAL.parent, ignore_errors=True)
     sys.exit(0 if ok else 1)

@@ -3,7 +3,8 @@
 Public API (everything else is internal)::
 
     graph = hpa.load("timm:vgg19")                 # -> hpa.ConvGraph
-    result = hpa.scan("zoo:digits_cnn", compare_init=True)
+    result = hpa.analyse(graph, init=hpa.load("timm:vgg19", weights=None))
+    result = hpa.scan("zoo:digits_cnn", compare_init=True)   # load + init + analyse
     result.to_dict(); result.to_csv("layers.csv"); result.plot("figures/")
 
 Heavy modules (torch, numpy) are imported on first use so that the command
@@ -20,9 +21,11 @@ from hpa.errors import (
     LoadError,
     NonFiniteWeightsError,
     OptionError,
+    OutputError,
     PluginError,
     SpecError,
     UnsafeFileError,
+    UnknownOptionError,
     UnsupportedModelError,
 )
 from hpa.hookspecs import hookimpl
@@ -30,27 +33,39 @@ from hpa.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvGraph", "Experiment", "HpaError", "Layer", "LoadError", "LoadOptions", "Loader",
-    "NonFiniteWeightsError", "OptionError", "PluginError", "ScanResult", "Skipped", "SpecError",
-    "Statistic", "StatisticContext", "StatisticResult", "UnsafeFileError", "UnsupportedModelError",
-    "__version__", "hookimpl", "list_experiments", "list_loaders", "list_models", "list_statistics",
-    "load", "scan",
+    "ConvGraph", "Experiment", "HpaError", "Layer", "LoadError", "LoadOptions", "Loader", "ModuleConverter",
+    "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ScanResult", "Skipped", "SpecError",
+    "Statistic", "StatisticContext", "StatisticResult", "UnknownOptionError", "UnsafeFileError",
+    "UnsupportedModelError", "__version__", "analyse", "check_model_file", "hookimpl", "list_experiments",
+    "list_loaders", "list_models", "list_statistics", "load", "module_converters", "parse_input_size", "rebind", "reinit",
+    "scan",
 ]
 
 _LAZY = {
     "ConvGraph": "hpa.graph", "Layer": "hpa.graph", "Skipped": "hpa.graph",
     "Loader": "hpa.registry", "LoadOptions": "hpa.registry", "Statistic": "hpa.registry",
     "StatisticContext": "hpa.registry", "StatisticResult": "hpa.registry", "Experiment": "hpa.registry",
+    "Option": "hpa.registry", "ModuleConverter": "hpa.registry",
     "ScanResult": "hpa.result",
-    "load": "hpa.api", "scan": "hpa.api", "list_loaders": "hpa.api", "list_statistics": "hpa.api",
-    "list_experiments": "hpa.api", "list_models": "hpa.api",
+    "load": "hpa.api", "scan": "hpa.api", "analyse": "hpa.api", "list_loaders": "hpa.api",
+    "list_statistics": "hpa.api", "list_experiments": "hpa.api", "list_models": "hpa.api",
+    "parse_input_size": "hpa.api",
+    "rebind": "hpa.rebind",  # a traced graph's structure with another state's numbers (numpy only)
+    "reinit": "hpa.experiments.reinit",  # critical layers: reset each layer to each checkpoint
+    # for plugin authors: a checked model path, and the module-converter registry the tracer reads
+    "check_model_file": "hpa.files", "module_converters": "hpa.plugins",
 }
 
 if TYPE_CHECKING:
-    from hpa.api import list_experiments, list_loaders, list_models, list_statistics, load, scan
+    from hpa.api import (analyse, list_experiments, list_loaders, list_models, list_statistics, load,
+                         parse_input_size, scan)
+    from hpa.files import check_model_file
     from hpa.graph import ConvGraph, Layer, Skipped
-    from hpa.registry import (Experiment, Loader, LoadOptions, Statistic, StatisticContext,
-                              StatisticResult)
+    from hpa.plugins import module_converters
+    from hpa.rebind import rebind
+    from hpa.experiments.reinit import reinit
+    from hpa.registry import (Experiment, Loader, LoadOptions, ModuleConverter, Option, Statistic,
+                              StatisticContext, StatisticResult)
     from hpa.result import ScanResult
 
 

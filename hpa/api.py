@@ -1,21 +1,36 @@
-"""The library entry points: ``load`` a model into a graph, ``scan`` it with statistics."""
+"""The library entry points: ``load`` a model into a graph, ``analyse`` a graph, ``scan`` = both.
+
+Keyword arguments beyond the named ones are plugin options: those the chosen
+loader declares go to it, those of the statistics being run go to them
+(``Loader.options``, ``Statistic.options``).  A keyword nothing declares is
+refused with :class:`hpa.errors.UnknownOptionError`, a ``TypeError``.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hpa.errors import OptionError, SpecError, UnsupportedModelError
 from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS, ConvGraph
 from hpa.plugins import registries
-from hpa.registry import Loader, LoadOptions, StatisticContext, match, parse_spec
+from hpa.registry import (Loader, LoadOptions, Option, Statistic, StatisticContext, match, parse_spec,
+                          resolve_options, route_options)
+
+# The named keywords of each entry point, offered as "did you mean" targets for a misspelt one.
+_LOAD_KEYWORDS = ("weights", "input_size", "fold_bn", "trust_pickle", "seed")
+_ANALYSE_KEYWORDS = ("init", "statistics", "progress", "skip_1x1", "with_linear", "bins", "input_size",
+                     "on_statistic")
+_SCAN_KEYWORDS = _LOAD_KEYWORDS + _ANALYSE_KEYWORDS + ("compare_init",)
+
 
 def list_loaders() -> list[Loader]:
     return registries()["loaders"].items()
 
 
-def list_statistics():
+def list_statistics() -> list[Statistic]:
     return registries()["statistics"].items()
 
 
@@ -31,60 +46,110 @@ def list_models(prefix: str, pattern: str | None = None) -> list[str]:
     return match(loader.list_models(), pattern)
 
 
-def load(spec: Any, *, weights: str | None = None, input_size: Sequence[int] | str | None = None,
-         fold_bn: bool = True, trust_pickle: bool = False, seed: int = 0, **extra: Any) -> ConvGraph:
-    """Load ``spec`` (``prefix:name``, a model file, a ``torch.nn.Module`` or a graph) as a ConvGraph."""
+def load(spec: Any, *, weights: str | os.PathLike | None = "DEFAULT", input_size: Sequence[int] | str | None = None,
+         fold_bn: bool = True, trust_pickle: bool = False, seed: int = 0, **options: Any) -> ConvGraph:
+    """Load ``spec`` (``prefix:name``, a model file, a ``torch.nn.Module`` or a graph) as a ConvGraph.
+
+    ``weights``: ``"DEFAULT"`` the loader's pretrained or shipped weights; ``None`` no
+    pretrained weights (a random init seeded by ``seed``, as ``weights=None`` in
+    torchvision and timm); a weights name; or a file path.  ``**options``: the
+    loader's declared options; anything else raises UnknownOptionError (a TypeError).
+    """
+    loader, name = _loader_for(spec)
+    extra = _loader_options(loader, options, _LOAD_KEYWORDS)
     if isinstance(spec, ConvGraph):
         return spec
-    options = LoadOptions(weights=weights, input_size=parse_input_size(input_size), fold_bn=fold_bn,
-                          trust_pickle=trust_pickle, seed=seed, extra=extra)
-    if _is_torch_module(spec):
-        graph = _load_module(spec, options)
-    elif isinstance(spec, (str, os.PathLike)):
-        spec = os.fspath(spec)
-        parsed = parse_spec(spec, registries()["loaders"])
-        graph = registries()["loaders"].get(parsed.prefix).load(parsed.name, options)
-        graph.source = {"spec": spec, "loader": parsed.prefix, **graph.source}
+    load_options = LoadOptions(weights=_loader_weights(weights), input_size=parse_input_size(input_size),
+                               fold_bn=fold_bn, trust_pickle=trust_pickle, seed=seed, extra=extra)
+    if loader is None:
+        graph = _load_module(spec, load_options)
     else:
-        raise SpecError(f"cannot load a {type(spec).__name__}; give a spec string, a path or a torch.nn.Module")
+        graph = loader.load(name, load_options)
+        graph.source = {"spec": os.fspath(spec), "loader": loader.prefix, **graph.source}
     _require_convs(graph)
     return graph
 
 
-def scan(spec: Any, statistics: Iterable[str] | None = None, *, compare_init: bool = False,
-         init: str | os.PathLike | None = None, progress: Callable[[str, int, int], None] | None = None,
-         skip_1x1: bool = False, with_linear: bool = False, bins: int = 40,
-         weights: str | None = None, input_size: Sequence[int] | str | None = None, fold_bn: bool = True,
-         trust_pickle: bool = False, seed: int = 0, **extra: Any):
-    """Load ``spec`` and run statistics on its graph; returns a :class:`hpa.ScanResult`.
+def analyse(graph: ConvGraph, *, init: Any = None, statistics: Iterable[str] | str | None = None,
+            progress: Callable[[str, int, int], None] | None = None, skip_1x1: bool = False,
+            with_linear: bool = False, bins: int = 40, input_size: Sequence[int] | str | None = None,
+            on_statistic: Callable[[str, Any, bool], None] | None = None, **options: Any):
+    """Run statistics on a loaded graph; returns a :class:`hpa.ScanResult`.
 
-    ``statistics`` defaults to every registered statistic.  ``compare_init``
-    also scans a seeded fresh initialisation of the same architecture through
-    the same loader; ``init`` compares against a saved initial snapshot.
+    ``init``: None, or the initial state of the same architecture to compare
+    against, as a ConvGraph or a ``torch.nn.Module`` (traced like ``graph``).
+    ``statistics`` defaults to every registered statistic that applies to the
+    graph.  ``**options``: the options the statistics declare.
+    ``on_statistic(name, partial, finished)`` is called before and after each
+    statistic with a ScanResult of the statistics finished so far, so that a caller
+    can show results early.  Statistics that fill the layer table (``columns``) run
+    first; the result keeps the statistics in their usual order.
     """
     from hpa.result import ScanResult
 
+    if not isinstance(graph, ConvGraph):
+        raise OptionError(f"analyse takes a ConvGraph, not a {type(graph).__name__}; "
+                          "use hpa.load first, or hpa.scan for both steps")
+    if bins < 1:
+        raise OptionError(f"--bins must be a positive integer, not {bins}")
+    size = parse_input_size(input_size)
+    chosen = _chosen_statistics(statistics)
+    stat_values = _statistic_options(chosen, options, _ANALYSE_KEYWORDS)
+    init_graph = _init_graph(init, graph, size)
+    stats, not_run = _applicable(chosen, graph, explicit=statistics is not None)
+    _warn_unused(options, chosen, not_run)
+    context = StatisticContext(options={"skip_1x1": skip_1x1, "with_linear": with_linear, "bins": int(bins),
+                                        "input_size": size, **stat_values}, init=init_graph, progress=progress)
+    results = {}
+
+    def so_far() -> ScanResult:
+        done = {stat.name: results[stat.name] for stat in stats if stat.name in results}
+        return ScanResult(graph=graph, init=init_graph, statistics=done, options=dict(context.options),
+                          not_run=not_run, statistic_plugins={stat.name: stat for stat in stats})
+
+    for stat in sorted(stats, key=lambda s: s.columns is None):  # stable: the table's columns first
+        if on_statistic is not None:
+            on_statistic(stat.name, so_far(), False)
+        _progress(progress, f"statistic {stat.name}", 0, 1)
+        results[stat.name] = stat.compute(graph, context)
+        if on_statistic is not None:
+            on_statistic(stat.name, so_far(), True)
+    return so_far()
+
+
+def scan(spec: Any, statistics: Iterable[str] | str | None = None, *, compare_init: bool = False,
+         init: Any = None, progress: Callable[[str, int, int], None] | None = None,
+         skip_1x1: bool = False, with_linear: bool = False, bins: int = 40,
+         weights: str | os.PathLike | None = "DEFAULT", input_size: Sequence[int] | str | None = None,
+         fold_bn: bool = True, trust_pickle: bool = False, seed: int = 0,
+         on_statistic: Callable[[str, Any, bool], None] | None = None, **options: Any):
+    """Load ``spec`` and analyse it: ``load`` + (the initial state) + ``analyse``.
+
+    ``compare_init`` also loads a seeded fresh initialisation of the same
+    architecture through the same loader.  ``init`` is the initial state to
+    compare against: a saved snapshot's path, a ConvGraph or a ``torch.nn.Module``.
+    ``**options`` are split between the loader and the statistics that declare them;
+    every option is checked before anything is loaded.
+    """
     if compare_init and init is not None:
         raise OptionError("use either --compare-init or --init PATH, not both")
     if bins < 1:
         raise OptionError(f"--bins must be a positive integer, not {bins}")
-    load_options = dict(weights=weights, input_size=input_size, fold_bn=fold_bn,
-                        trust_pickle=trust_pickle, seed=seed, **extra)
+    loader, _ = _loader_for(spec)
+    chosen = _chosen_statistics(statistics)
+    loader_given, stat_given = _split_scan_options(loader, chosen, options)
+    _statistic_options(chosen, stat_given, _SCAN_KEYWORDS)  # validate every value before the load
+    load_options = dict(weights=weights, input_size=input_size, fold_bn=fold_bn, trust_pickle=trust_pickle,
+                        seed=seed, **loader_given)
     _progress(progress, "loading model", 0, 1)
     graph = load(spec, **load_options)
-    stats, not_run = _select_statistics(statistics, graph)
-    init_graph = None
-    if compare_init or init is not None:
+    init_graph = init
+    if compare_init or isinstance(init, (str, os.PathLike)):
         _progress(progress, "loading initialisation", 0, 1)
         init_graph = _load_init(spec, graph, init, load_options)
-    options = {"skip_1x1": skip_1x1, "with_linear": with_linear, "bins": int(bins),
-               "input_size": parse_input_size(input_size), **extra}
-    context = StatisticContext(options=options, init=init_graph, progress=progress)
-    results = {}
-    for stat in stats:
-        _progress(progress, f"statistic {stat.name}", 0, 1)
-        results[stat.name] = stat.compute(graph, context)
-    return ScanResult(graph=graph, init=init_graph, statistics=results, options=options, not_run=not_run)
+    return analyse(graph, init=init_graph, statistics=statistics, progress=progress, skip_1x1=skip_1x1,
+                   with_linear=with_linear, bins=bins, input_size=input_size, on_statistic=on_statistic,
+                   **stat_given)
 
 
 def parse_input_size(value: Sequence[int] | str | None) -> tuple[int, ...] | None:
@@ -101,31 +166,137 @@ def parse_input_size(value: Sequence[int] | str | None) -> tuple[int, ...] | Non
     return size
 
 
-def _select_statistics(names: Iterable[str] | None, graph: ConvGraph):
-    """The statistics to run, and {name: reason} for those a default scan leaves out."""
+# -- options ------------------------------------------------------------------------------------
+
+def _loader_for(spec: Any) -> tuple[Loader | None, str | None]:
+    """The loader of ``spec`` and the name it receives; (None, None) for a module or a graph."""
+    if isinstance(spec, ConvGraph) or _is_torch_module(spec):
+        return None, None
+    if isinstance(spec, (str, os.PathLike)):
+        parsed = parse_spec(os.fspath(spec), registries()["loaders"])
+        return registries()["loaders"].get(parsed.prefix), parsed.name
+    raise SpecError(f"cannot load a {type(spec).__name__}; give a spec string, a path or a torch.nn.Module")
+
+
+def _declared(options: Iterable[Option]) -> dict[str, Option]:
+    return {option.name: option for option in options}
+
+
+def _loader_options(loader: Loader | None, given: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """The loader's declared options with ``given`` converted into them; unknown names refused."""
+    declared = _declared(loader.options) if loader is not None else {}
+    owners = {f"loader {loader.prefix}": declared} if loader is not None else {}
+    route_options(given, owners, known)
+    return resolve_options(declared, given)
+
+
+def _chosen_statistics(names: Iterable[str] | str | None) -> list[Statistic]:
+    """The statistics named (unknown names refused), or every registered one when None."""
     registry = registries()["statistics"]
-    if names is not None:
-        names = [names] if isinstance(names, str) else names
-        return [registry.get(name) for name in dict.fromkeys(names)], {}
-    chosen, not_run = [], {}
-    for stat in registry.items():
+    if names is None:
+        return registry.items()
+    names = [names] if isinstance(names, str) else list(names)
+    return [registry.get(name) for name in dict.fromkeys(names)]
+
+
+def _statistic_options(chosen: list[Statistic], given: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """Every option of the chosen statistics, given or default, converted and validated."""
+    owners = {f"statistic {stat.name}": _declared(stat.options) for stat in chosen}
+    _refuse_options_of_other_statistics(chosen, given)
+    route_options(given, owners, known)
+    values: dict[str, Any] = {}
+    for declared in owners.values():
+        values.update(resolve_options(declared, {k: v for k, v in given.items() if k in declared}))
+    return values
+
+
+def _refuse_options_of_other_statistics(chosen: list[Statistic], given: Mapping[str, Any]) -> None:
+    """An option of a statistic this scan does not run would do nothing: say so instead of ignoring it."""
+    running = {stat.name for stat in chosen}
+    for stat in registries()["statistics"].items():
+        for name in set(given) & set(_declared(stat.options)):
+            if stat.name not in running:
+                raise OptionError(f"option {name!r} belongs to the statistic {stat.name}, which this scan does "
+                                  f"not run; add --stat {stat.name} (statistics=[..., {stat.name!r}]) or drop it")
+
+
+def _split_scan_options(loader: Loader | None, chosen: list[Statistic],
+                        given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``given`` split into the loader's options and the statistics' options."""
+    _refuse_options_of_other_statistics(chosen, given)
+    owners = {f"statistic {stat.name}": _declared(stat.options) for stat in chosen}
+    if loader is not None:
+        owners = {f"loader {loader.prefix}": _declared(loader.options), **owners}
+    routed = route_options(given, owners, _SCAN_KEYWORDS)
+    loader_given = routed.pop(f"loader {loader.prefix}", {}) if loader is not None else {}
+    return loader_given, {k: v for part in routed.values() for k, v in part.items()}
+
+
+def _warn_unused(given: Mapping[str, Any], chosen: list[Statistic], not_run: Mapping[str, str]) -> None:
+    from hpa.plugins import HpaWarning
+
+    for stat in chosen:
+        unused = sorted(set(given) & set(_declared(stat.options)))
+        if stat.name in not_run and unused:
+            warnings.warn(f"option {', '.join(unused)} has no effect: the statistic {stat.name} does not apply "
+                          f"to this model ({not_run[stat.name]})", HpaWarning, stacklevel=3)
+
+
+def _loader_weights(weights: Any) -> str | None:
+    """The Python spelling of ``weights`` as LoadOptions holds it (None there is the loader's default)."""
+    if weights is None:
+        return "none"
+    if isinstance(weights, os.PathLike):
+        return os.fspath(weights)
+    if not isinstance(weights, str):
+        raise OptionError(f"weights must be \"DEFAULT\", None, a weights name or a file path, not {weights!r}")
+    return None if weights.upper() == "DEFAULT" else weights
+
+
+# -- analysis ---------------------------------------------------------------------------------
+
+def _applicable(chosen: list[Statistic], graph: ConvGraph, explicit: bool):
+    """The statistics to run, and {name: reason} for those a default scan leaves out."""
+    if explicit:
+        return chosen, {}
+    stats, not_run = [], {}
+    for stat in chosen:
         reason = stat.applies(graph) if stat.applies is not None else None
         if reason:
             not_run[stat.name] = reason
         else:
-            chosen.append(stat)
-    return chosen, not_run
+            stats.append(stat)
+    return stats, not_run
+
+
+def _init_graph(init: Any, graph: ConvGraph, input_size: tuple[int, ...] | None) -> ConvGraph | None:
+    """``init`` as a graph checked against ``graph``; a module is traced like the graph was."""
+    if init is None:
+        return None
+    if _is_torch_module(init):
+        size = input_size or graph.source.get("input_size") or graph.input_shape
+        if size is None:
+            raise OptionError("init is a torch.nn.Module, so analyse needs input_size=(C, H, W) to trace it")
+        init = load(init, input_size=tuple(size), fold_bn=graph.source.get("fold_bn", True))
+        init.source.update(role="init")
+    if not isinstance(init, ConvGraph):
+        raise OptionError(f"init must be a ConvGraph or a torch.nn.Module (hpa.scan also takes a snapshot path), "
+                          f"not a {type(init).__name__}")
+    init.source.setdefault("role", "init")
+    _check_same_architecture(graph, init)
+    return init
 
 
 def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, Any]) -> ConvGraph:
+    """The initial state for ``compare_init`` (init None) or a snapshot path ``init``, checked against graph."""
     options = dict(load_options)
     if init is None:
-        options["weights"] = "none"
+        options["weights"] = None  # no pretrained weights: the seeded fresh init
         module = _is_torch_module(spec)
         if module:
             from hpa.backends.torch_module import reinitialised
             spec = reinitialised(spec, options["seed"])
-            options["weights"] = None
+            options["weights"] = "DEFAULT"  # the module as it is: already re-initialised
         elif isinstance(spec, ConvGraph):
             raise OptionError("--compare-init needs a model spec, not a ready graph; pass --init PATH instead")
         elif not _builds_init(graph):
@@ -148,7 +319,10 @@ def _load_snapshot(spec: Any, graph: ConvGraph, path: str, options: dict[str, An
     if _builds_init(graph):
         options["weights"] = path
         return load(spec, **options)
-    options["weights"] = None
+    options["weights"] = "DEFAULT"
+    loader, _ = _loader_for(path)
+    if loader.prefix != graph.source.get("loader"):  # another loader: the model's own options do not apply
+        options = {key: options[key] for key in _LOAD_KEYWORDS}
     return load(path, **options)
 
 

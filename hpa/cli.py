@@ -24,16 +24,32 @@ _EXIT_BAD_INPUT = 2
 def _load_options(function):
     """Options every model-loading command shares (names match hpa.load's keywords)."""
     decorators = [
-        click.option("--weights", help="Weights: a name (e.g. IMAGENET1K_V1), a file path, or 'none' "
-                                       "for a seeded random init. Default: the loader's default."),
+        click.option("--weights", default="DEFAULT", show_default=True,
+                     help="Weights: DEFAULT (the loader's pretrained or shipped weights), a name "
+                          "(e.g. IMAGENET1K_V1), a file path, or 'none' for a seeded random init."),
         click.option("--input-size", metavar="C,H,W", help="Dummy input size for tracing, e.g. 3,224,224."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
-                     help="Fold inference BatchNorm into the conv before it (STATISTICS.md §0)."),
+                     help="Fold inference BatchNorm into the conv before it (docs/statistics.md §0)."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow loading pickled Python objects, which can execute code from the file."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of random initialisations."),
         click.option("-o", "--option", "extra", multiple=True, metavar="KEY=VALUE",
-                     help="A plugin-specific option, repeatable."),
+                     help="An option the loader or a statistic declares, repeatable; 'hpa plugins' lists them."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _figure_options(function):
+    """Figure options shared by ``scan --out`` and ``plot`` (names match ScanResult.plot's keywords)."""
+    decorators = [
+        click.option("--dpi", type=click.FloatRange(10, 2400), help="Figure resolution for PNG. "
+                     "Default: savefig.dpi of your matplotlibrc, else 200."),
+        click.option("--hist-range", type=click.FloatRange(0, 1, min_open=True), metavar="R",
+                     help="Cosine histograms over [-R, R]. Default: shared, from the data."),
+        click.option("--layers", metavar="PATTERN", help="Draw only layers matching these fnmatch patterns "
+                                                         "(comma-separated), e.g. 'layer4.*,conv1'."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
@@ -54,43 +70,89 @@ def cli() -> None:
     """
 
 
-@cli.command()
+class _ScanCommand(click.Command):
+    """``hpa scan``, whose help ends with the installed statistics and their options (read from the
+    registry when the help is shown, so it never imports torch)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from hpa.plugins import describe_plugins
+
+        rows = []
+        for plugin in describe_plugins():
+            for entry in plugin.get("statistics", []):
+                rows.append((entry["name"], entry["description"]))
+                rows += [(f"  -o {o['name']}=", o["help"]) for o in entry["options"]]
+        with formatter.section("Installed statistics (--stat NAME; 'hpa plugins' lists every option)"):
+            formatter.write_dl(rows or [("(none)", "no statistic plugin is installed")])
+        super().format_epilog(ctx, formatter)
+
+
+@cli.command(cls=_ScanCommand)
 @click.argument("spec")
 @_load_options
-@click.option("--stat", "statistics", multiple=True, help="Statistic to run (repeatable). Default: all.")
+@click.option("--stat", "statistics", multiple=True, help="Statistic to run (repeatable). Default: all that "
+                                                           "apply; the installed ones are listed below.")
 @click.option("--compare-init", is_flag=True, help="Also scan a seeded fresh init of the same architecture.")
 @click.option("--init", type=click.Path(dir_okay=False), help="Compare against a saved initial snapshot.")
 @click.option("--skip-1x1", is_flag=True, help="Skip 1x1 convs, as the reference code did.")
 @click.option("--with-linear", is_flag=True, help="Include linear layers.")
 @click.option("--bins", type=int, default=40, show_default=True, help="Histogram bins over [-1, 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON to stdout instead of the table.")
-@click.option("--out", type=click.Path(file_okay=False), help="Write result.json, CSVs and figures here.")
+@click.option("--out", type=click.Path(), help="Write result.json, CSVs and figures into this new or hpa-written "
+                                               "folder (replaced as a whole; foreign files are refused).")
 @click.option("--format", "fig_format", default="png", show_default=True,
               type=click.Choice(["png", "pdf", "svg"]), help="Figure format for --out.")
-@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
-def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str, progress, extra, **options):
+@_figure_options
+@click.option("--progress/--no-progress", default=None, help="Progress and time estimates on stderr: bars on a "
+                                                            "terminal, else one line per stage (default: when "
+                                                            "stderr is a terminal).")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors and warnings (overrides --progress).")
+def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str, progress, quiet: bool, extra,
+         dpi, hist_range, layers, **options):
     """Scan SPEC with the statistics and print a per-layer table.
 
     SPEC is PREFIX:NAME (torchvision:resnet18, timm:vgg19.tv_in1k, zoo:digits_cnn)
     or a model file (.pt .pth .bin .safetensors .onnx .mat).
     """
     import hpa
-    from hpa.render.table import render_scan
+    from hpa.files import atomic_directory, check_output_dir
+    from hpa.render.table import render_layers, render_rest
 
-    show = progress if progress is not None else sys.stderr.isatty()
-    result = hpa.scan(spec, statistics=list(statistics) or None, progress=_progress_printer() if show else None,
+    if out is not None:  # --out "" is refused, not ignored
+        check_output_dir(out)  # before the model is loaded: a bad --out must not cost a scan
+    show = not quiet and (progress if progress is not None else sys.stderr.isatty())
+    printer = _progress_printer() if show else None
+    early = _EarlyTable(printer, stream=not as_json)
+    result = hpa.scan(spec, statistics=list(statistics) or None, progress=printer, on_statistic=early,
                       **options, **_parse_extra(extra))
-    if show:
-        click.echo("", err=True)
-    if out:
-        from hpa.files import atomic_directory
-
+    if out is not None:
+        if printer is not None:
+            printer(f"writing {out}", 0, 1)
         with atomic_directory(out) as staging:
-            result.write(staging, fig_format)
-    click.echo(result.to_json() if as_json else render_scan(result))
-    if out and not as_json:
+            result.write(staging, fig_format, dpi=dpi, hist_range=hist_range, layers=layers)
+    if printer is not None:
+        printer.close()
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        click.echo("\n".join(([] if early.printed else [render_layers(result)]) + render_rest(result)))
+    if out is not None and not as_json:
         click.echo(f"\nwrote {out}/ (result.json, layers.csv, figures)")
     _raise_if_damaged(result)
+
+
+@cli.command()
+@click.argument("result_json", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Folder for the figures; a result folder keeps "
+                                                              "its result.json and CSVs, its figures are redrawn.")
+@click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
+@_figure_options
+def plot(result_json: str, out: str, fig_format: str, **figure_options) -> None:
+    """Redraw the figures of a saved RESULT_JSON (hpa scan --out or --json) without rescanning."""
+    from hpa.result import redraw
+
+    files = redraw(result_json, out, fig_format, **figure_options)
+    click.echo(f"wrote {len(files)} figure files to {out}/: {', '.join(f.name for f in files)}")
 
 
 @cli.command(name="list-models")
@@ -104,13 +166,20 @@ def list_models(prefix: str, pattern: str | None) -> None:
     for name in names:
         click.echo(name)
     if not names:
-        raise HpaError(f"no {prefix} model matches {pattern!r}; try a wider pattern such as '*{pattern or ''}*'")
+        import re
+
+        from hpa.registry import suggest
+
+        literal = max(re.split(r"[*?\[\]]+", pattern or ""), key=len)  # the longest part without wildcards
+        close = suggest(literal, hpa.list_models(prefix)) if len(literal) >= 3 else ""
+        raise HpaError(f"no {prefix} model matches {pattern!r}{close} ('hpa list-models {prefix}' lists them all)")
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins with their hooks and versions."""
+    """List installed plugins: version, hooks, the loaders, statistics, tasks and experiments
+    each registers, and their -o options."""
     from hpa.plugins import describe_plugins
 
     described = describe_plugins()
@@ -120,28 +189,88 @@ def plugins(as_json: bool) -> None:
     for plugin in described:
         status = f"ERROR: {plugin['error']}" if "error" in plugin else ", ".join(plugin["hooks"])
         version = plugin["version"] or "-"
-        click.echo(f"{plugin['name']:<14} {version:<10} {status}")
+        click.echo(f"{plugin['name']:<16} {version:<10} {status}")
+        for kind in ("loaders", "statistics", "experiments"):
+            for entry in plugin.get(kind, []):
+                click.echo("\n".join(_registered_lines(entry)))
 
 
-def _parse_extra(pairs) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
+def _registered_lines(entry: dict[str, Any]) -> list[str]:
+    """One registered loader/statistic/task/experiment, then one line per option it declares."""
+    name = entry["name"] + ":" if entry["kind"] == "loader" else entry["name"]
+    suffixes = f" [{' '.join(entry['suffixes'])}]" if entry.get("suffixes") else ""
+    lines = [f"  {entry['kind']} {name}{suffixes}  {entry['description']}".rstrip()]
+    for option in entry["options"]:
+        choices = f" ({'|'.join(map(str, option['choices']))})" if option["choices"] else ""
+        default = "" if option["default"] is None else f" [default: {option['default']}]"
+        metavar = option["type"].upper() if option["type"] in ("bool", "int", "float", "str") else "VALUE"
+        lines.append(f"      -o {option['name']}={metavar}{choices}  {option['help']}{default}")
+    return lines
+
+
+def _parse_extra(pairs) -> dict[str, str]:
+    """``-o KEY=VALUE`` pairs as {key: the value string}; the core converts each value with the
+    type its owner declares (hpa.registry.Option), so nothing is guessed here."""
+    from hpa.errors import OptionError
+    from hpa.plugins import RESERVED_OPTIONS
+
+    extra: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise HpaError(f"-o expects KEY=VALUE, not {pair!r}")
-        try:
-            extra[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key.replace("-", "_")] = value
+            raise OptionError(f"-o expects KEY=VALUE, such as -o cones_device=cpu, not {pair!r}")
+        if key in RESERVED_OPTIONS:
+            flag = "--stat" if key == "statistics" else "--" + key.replace("_", "-")
+            raise OptionError(f"-o {key} is a flag of its own: use {flag} instead")
+        if key in extra:
+            raise OptionError(f"-o {key} is given twice ({extra[key]!r} and {value!r}); give it once")
+        extra[key] = value
     return extra
 
 
 def _progress_printer():
-    def show(what: str, done: int, total: int) -> None:
-        text = f"{what} {done}/{total}" if total > 1 else what
-        click.echo(f"\r\033[K{text}", err=True, nl=False)
+    """Bars on a terminal, one plain line per stage elsewhere (hpa.render.progress)."""
+    from hpa.render.progress import StageProgress
 
-    return show
+    return StageProgress()
+
+
+class _EarlyTable:
+    """``on_statistic`` of ``hpa scan``: print the layer table as soon as the statistics that fill it
+    are done (the cone statistic can take minutes after), and say up front what a slow one costs."""
+
+    def __init__(self, printer, stream: bool) -> None:
+        self.printer = printer  # StageProgress, or None when quiet
+        self.stream = stream  # False for --json, which is printed once at the end
+        self.printed = False
+
+    def __call__(self, name: str, partial, finished: bool) -> None:
+        if not finished:
+            self._announce(name, partial)
+            return
+        pending = [n for n in partial.statistic_plugins if n not in partial.statistics]
+        with_columns = [s for s in partial.statistic_plugins.values() if s.columns is not None]
+        if self.stream and pending and not self.printed and all(s.name in partial.statistics for s in with_columns):
+            from hpa.render.table import render_layers
+
+            click.echo(render_layers(partial))
+            sys.stdout.flush()
+            self.printed = True
+
+    def _announce(self, name: str, partial) -> None:
+        """The estimated cost of the cone statistic, the one that can take minutes."""
+        stat = partial.statistic_plugins.get(name)
+        if self.printer is None or stat is None or stat.compute.__module__ != "hpa_plugins.cones":
+            return
+        from hpa.render.progress import format_seconds
+        from hpa_plugins.cones import estimate
+
+        pairs, seconds = estimate(partial.graph, partial.options)
+        others = [n for n in partial.statistic_plugins if n != name]
+        skip = f"; --stat {' --stat '.join(others)} skips it" if others else ""
+        cost = "under a second" if seconds < 1 else f"about {format_seconds(seconds)} (rough estimate)"
+        self.printer.note(f"{name}: {pairs} layer pairs, {cost}{skip}")
 
 
 def _raise_if_damaged(result) -> None:
@@ -190,3 +319,110 @@ def _register_plugin_commands() -> None:
     from hpa.plugins import plugin_manager
 
     plugin_manager().hook.register_commands(cli=cli)
+
+
+# -- experiments ---------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--plugin", "task", metavar="TASK", help="The training task, e.g. digits, cifar10 (hpa experiments).")
+@click.option("--arch", metavar="SPEC", help="Architecture, a loader spec such as cifar:vgg19. Default: the task's.")
+@click.option("--out", type=click.Path(file_okay=False), help="New folder for the run.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--data", type=click.Path(), help="Folder holding the dataset files.")
+@click.option("--download", is_flag=True, help="Fetch the dataset into --data when it is missing.")
+@click.option("--seed", type=int, help="Seed of every random stream.  [default: 0]")
+@click.option("--seeds", metavar="0,1,2", help="One run per seed in OUT/seed-N, plus a mean ± std summary.")
+@click.option("--device", help="cpu, cuda or cuda:N.  [default: cuda when present]")
+@click.option("--snapshot-every", type=int, help="Save weights every N epochs (and the last).  [default: 1]")
+@click.option("--epochs", type=int, help="Recipe: epochs.")
+@click.option("--batch-size", type=int, help="Recipe: batch size.")
+@click.option("--lr", type=float, help="Recipe: base learning rate.")
+@click.option("--momentum", type=float, help="Recipe: SGD momentum.")
+@click.option("--weight-decay", type=float, help="Recipe: weight decay.")
+@click.option("--schedule", help="Recipe: constant, step or exponential.")
+@click.option("--step-epochs", type=int, help="Recipe: epochs between step decays.")
+@click.option("--step-factor", type=float, help="Recipe: learning-rate factor at each step.")
+@click.option("--gamma", type=float, help="Recipe: per-epoch factor of the exponential schedule.")
+@click.option("--init", help="Recipe: kaiming_normal or default (the module's own).")
+@click.option("--shift", type=int, help="Recipe: random shifts of up to ±N pixels (0: none).")
+@click.option("--flip/--no-flip", default=None, help="Recipe: random horizontal flips.")
+@click.option("--validation", type=float, help="Recipe: held-out fraction of the training set.")
+@click.option("--stat", "statistics", multiple=True,
+              help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def train(quiet: bool, statistics, seeds, **options) -> None:
+    """Train a task's network and write a run folder (snapshots, metrics, run.json).
+
+    Recipe flags left out take the task's defaults (hpa experiments shows them);
+    with --resume they keep the run's recorded values, and a different value is refused.
+
+    \b
+    Examples:
+      hpa train --plugin digits --epochs 5 --out runs/digits
+      hpa train --plugin cifar10 --arch cifar:vgg19 --data ~/data --out runs/vgg19
+      hpa train --resume runs/vgg19
+    """
+    import shlex
+
+    from hpa.experiments.seeds import is_multi_seed, parse_seeds, resume_seeds, train_seeds
+    from hpa.experiments.train import train as run_training
+
+    options.update(progress=None if quiet else lambda line: click.echo(line, err=True),
+                   command=shlex.join(["hpa", *sys.argv[1:]]), statistics=statistics or None)
+    if seeds is not None:
+        if options["seed"] is not None:
+            raise HpaError("give either --seed N or --seeds 0,1,2, not both")
+        folder = train_seeds(parse_seeds(seeds), options.pop("out"), **options)
+    elif options["resume"] and is_multi_seed(options["resume"]):
+        folder = resume_seeds(options.pop("resume"), **options)
+    else:
+        folder = run_training(**options)
+    click.echo(f"wrote {folder}/ (run.json, metrics.jsonl, snapshots/)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def experiments(as_json: bool) -> None:
+    """List the training tasks with their dataset, default architecture and recipe."""
+    from hpa.experiments.train import describe_tasks
+
+    described = describe_tasks()
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for task in described:
+        click.echo(f"{task['name']:<14} --arch {task['architecture']:<18} {task['description']}")
+        click.echo("    recipe: " + " ".join(f"{k}={v}" for k, v in task["recipe"].items()))
+
+
+@cli.command()
+@click.argument("run_or_spec")
+@click.option("--epochs", metavar="0,5,10", help="Checkpoints to reset to.  [default: every saved epoch]")
+@click.option("--layer", "layers", multiple=True, help="Layer to reset (repeatable).  [default: every conv]")
+@click.option("--with-linear", is_flag=True, help="Also reset linear layers.")
+@click.option("--rerandomize", is_flag=True, help="Draw each layer fresh from the architecture's initialiser.")
+@click.option("--draws", type=int, default=1, show_default=True, help="Draws averaged with --rerandomize.")
+@click.option("--reset-bn", is_flag=True, help="Reset the BatchNorm folded into each layer too.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--weights", metavar="FILE", help="A spec's trained weights (the reference is a fresh init).")
+@click.option("--plugin", metavar="TASK", help="With a spec: the task whose test split is evaluated.")
+@click.option("--data", type=click.Path(), help="Folder holding the task's dataset files.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of fresh inits and random draws.")
+@click.option("--out", type=click.Path(file_okay=False), help="Result folder.  [default: RUN_DIR/reinit]")
+@click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def reinit(run_or_spec: str, epochs, layers, out, fig_format: str, quiet: bool, **options) -> None:
+    """Critical layers: reset each layer to each checkpoint and measure the test accuracy (seed 004 Fig. 2).
+
+    \b
+    Examples:
+      hpa reinit runs/vgg19 --epochs 0,1,2,5,10
+      hpa reinit cifar:small_max --weights model.safetensors --plugin digits --out reinit-small
+    """
+    from hpa.experiments.reinit import parse_epochs, reinit as run_reinit, result_folder
+
+    folder = result_folder(run_or_spec, out)
+    result = run_reinit(run_or_spec, epochs=parse_epochs(epochs), layers=list(layers) or None,
+                        progress=None if quiet else lambda line: click.echo(line, err=True), **options)
+    result.save(folder, fig_format)
+    click.echo(f"wrote {folder}/ (reinit.json, reinit.csv, heatmaps, criticality)")

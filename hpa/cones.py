@@ -123,20 +123,23 @@ def candidate_shifts(upper_kernel: tuple[int, int], lower_kernel: tuple[int, int
     return shifts, len(shifts) < size
 
 
-def shift_gather_index(upper_kernel: tuple[int, int], lower_kernel: tuple[int, int],
-                       plane: tuple[int, int], shifts: np.ndarray) -> np.ndarray:
-    """``index[q, j]``: which entry of flattened ``v`` meets entry ``q`` of ``u`` at shift ``shifts[j]``.
+def shift_selector(upper_kernel: tuple[int, int], lower_kernel: tuple[int, int],
+                   plane: tuple[int, int], shifts: np.ndarray) -> np.ndarray:
+    """0/1 matrix ``S`` of shape ``(kv1*kv2, J*ku1*ku2)``: ``(v @ S)[j*ku1*ku2 + q]`` is the entry of
+    flattened ``v`` that meets entry ``q`` of ``u`` at shift ``shifts[j]``, or 0 where none does.
 
-    ``kv1*kv2`` (one past the last entry) stands for "no entry of v there" and
-    points at a zero appended to every flattened ``v``.
+    Gathering by a matrix product is exact (each output is one entry times 1
+    plus zeros) and runs as one BLAS call instead of an indexed gather.
     """
     (ku1, ku2), (kv1, kv2), (height, width) = upper_kernel, lower_kernel, plane
-    size = height * width
-    a, b = np.divmod(np.arange(ku1 * ku2), ku2)
-    position = ((a * width + b)[:, None] + shifts[None, :]) % size
+    size, taps = height * width, ku1 * ku2
+    a, b = np.divmod(np.arange(taps), ku2)
+    position = ((a * width + b)[None, :] + shifts[:, None]) % size  # (J, taps)
     row, col = np.divmod(position, width)
     inside = (row < kv1) & (col < kv2)
-    return np.where(inside, row * kv2 + col, kv1 * kv2)
+    selector = np.zeros((kv1 * kv2, len(shifts) * taps))
+    selector[(row * kv2 + col)[inside], np.flatnonzero(inside.ravel())] = 1.0
+    return selector
 
 
 # -- the statistic -------------------------------------------------------------------------
@@ -184,14 +187,18 @@ def cone_pair_statistics(lower_weight: np.ndarray, lower_biases: np.ndarray, upp
 
     states, max_diff = _states(upper, lower)
     keep = states != DEGENERATE
-    per_cone = _PerCone(states.shape, dev)
-    if keep.any():
-        _pair_loop(upper, lower, keep, plane, rotation, memory_mb, per_cone)
     size = None if plane is None else plane[0] * plane[1]
     c = lower.per_filter
-    distance = per_cone.dist_sum / c / max_diff if max_diff > 0 else torch.zeros_like(per_cone.dist_sum)
-    opening = per_cone.open_sum * (2 / math.pi) / c if plane is not None else None
-    rot = per_cone.rot_sum / per_cone.rot_count if plane is not None and rotation else None
+    dist_sum = _abs_difference_sums(upper.apex, lower.apex)
+    distance = dist_sum / c / max_diff if max_diff > 0 else torch.zeros_like(dist_sum)
+    opening = rot = None
+    if plane is not None:
+        opening = _abs_difference_sums(upper.opening, lower.opening) * (2 / math.pi) / c
+    if plane is not None and rotation:
+        sums = _Rotation(states.shape, dev)
+        if keep.any():
+            _rotation_loop(upper, lower, keep, plane, memory_mb, sums)
+        rot = sums.total / sums.count
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
 
     def back(values):  # (F_low, F_per) o-major -> (F_up, C_g_up), NaN for degenerate cones
@@ -266,14 +273,14 @@ class _Kernels:
             self.perp_norm = perp.sqrt()
 
 
-class _PerCone:
+class _Rotation:
+    """Per cone, the sum of the defined rho_p over its predecessors and how many were defined."""
+
     def __init__(self, shape, device) -> None:
         import torch
 
-        def zeros():
-            return torch.zeros(shape, dtype=torch.float64, device=device)
-
-        self.dist_sum, self.open_sum, self.rot_sum, self.rot_count = zeros(), zeros(), zeros(), zeros()
+        self.total = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.count = torch.zeros(shape, dtype=torch.float64, device=device)
 
 
 def _states(upper: _Kernels, lower: _Kernels):
@@ -302,9 +309,32 @@ def _states(upper: _Kernels, lower: _Kernels):
     return states, max_diff
 
 
-def _pair_loop(upper: _Kernels, lower: _Kernels, keep, plane, rotation: bool, memory_mb: float,
-               out: _PerCone) -> None:
-    """Sums over predecessors, block by block; never a Python loop over pairs.
+def _abs_difference_sums(upper_values, lower_values):
+    """``sum_p |x_up[o, i] - x_low[o, p]|`` for every ``(o, i)``, without forming the ``(o, p, i)`` differences.
+
+    With the ``C`` lower values of ``o`` sorted, the sum splits at the rank
+    ``k`` of ``x_up`` among them: ``x (2k - C) + total - 2 prefix_k``, so each
+    ``o`` costs a sort and a binary search per upper value instead of ``C * F``
+    subtractions.  Everything is first centred on the median lower value: then
+    every term is at most about twice the largest difference of a live cone, and
+    the cancellation costs no more than a few ulps of the result's scale.
+    Rows holding NaN (degenerate kernels) give NaN or junk; callers mask them.
+    """
+    import torch
+
+    low = torch.sort(lower_values, dim=1).values
+    count = low.shape[1]
+    centre = low[:, count // 2:count // 2 + 1].clone()
+    low -= centre
+    up = (upper_values - centre).contiguous()
+    prefix = torch.nn.functional.pad(low.cumsum(1), (1, 0))
+    rank = torch.searchsorted(low.contiguous(), up)
+    below = torch.gather(prefix, 1, rank)
+    return up * (2 * rank - count).to(up.dtype) + prefix[:, -1:] - 2 * below
+
+
+def _rotation_loop(upper: _Kernels, lower: _Kernels, keep, plane, memory_mb: float, out: _Rotation) -> None:
+    """Sums of rho_p over predecessors, block by block; never a Python loop over pairs.
 
     On a CPU the blocks of lower filters are shared among ``torch.get_num_threads()``
     Python threads, each running torch single-threaded: torch releases the GIL
@@ -313,26 +343,26 @@ def _pair_loop(upper: _Kernels, lower: _Kernels, keep, plane, rotation: bool, me
     """
     import torch
 
-    work = _PairWork(upper, lower, keep, plane, rotation)
+    work = _PairWork(upper, lower, keep, plane)
     f_low, per_filter = upper.sums.shape
     dev = lower.flat.device
     workers = 1 if dev.type != "cpu" else max(1, min(torch.get_num_threads(), f_low))
-    o_step, p_step, f_step = _chunking(f_low, lower.per_filter, per_filter, work.n_shifts, work.n_taps,
-                                       memory_mb / workers)
-    if workers > 1:
-        o_step = min(o_step, -(-f_low // workers))  # at least one block per worker
-    starts = [o0 for o0 in range(0, f_low, o_step) if bool(keep[o0:o0 + o_step].any())]
-    steps = (o_step, p_step, f_step)
+    plan = _chunking(f_low, lower.per_filter, per_filter, work.n_shifts, work.n_taps, memory_mb / workers,
+                     cache_bytes=_CPU_TILE_BYTES if dev.type == "cpu" else None)
+    if workers > 1 and plan.o_step > 1:
+        o_step = min(plan.o_step, -(-f_low // workers))  # at least one block per worker
+        plan = _Plan(o_step, plan.p_step, plan.f_step, min(plan.tile_o, o_step), plan.tile_p)
+    starts = [o0 for o0 in range(0, f_low, plan.o_step) if bool(keep[o0:o0 + plan.o_step].any())]
     if workers == 1 or len(starts) == 1:
-        buffers = work.buffers(steps)
+        buffers = work.buffers(plan)
         for o0 in starts:
-            work.run(o0, steps, buffers, out)
+            work.run(o0, plan, buffers, out)
     else:
-        _in_threads(work, starts, steps, workers, out)
-    out.rot_sum /= math.pi
+        _in_threads(work, starts, plan, workers, out)
+    out.total /= math.pi
 
 
-def _in_threads(work: _PairWork, starts: list[int], steps, workers: int, out: _PerCone) -> None:
+def _in_threads(work: _PairWork, starts: list[int], plan: _Plan, workers: int, out: _Rotation) -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -342,8 +372,8 @@ def _in_threads(work: _PairWork, starts: list[int], steps, workers: int, out: _P
 
     def task(o0: int) -> None:
         if not hasattr(local, "buffers"):
-            local.buffers = work.buffers(steps)
-        work.run(o0, steps, local.buffers, out)
+            local.buffers = work.buffers(plan)
+        work.run(o0, plan, local.buffers, out)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -355,122 +385,151 @@ def _in_threads(work: _PairWork, starts: list[int], steps, workers: int, out: _P
         torch.set_num_threads(threads)
 
 
+#: Bytes of one matmul tile of inner products on a CPU: it is written and at once reduced over the
+#: shifts, so it should stay in a core's L2 cache (1-2 MB on current x86 cores).
+_CPU_TILE_BYTES = 2**20
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the pairs of one layer pair are cut (see :func:`_chunking`)."""
+
+    o_step: int  # lower filters per block (a block's pairs are turned into angles together)
+    p_step: int  # predecessors per block
+    f_step: int  # upper filters per block
+    tile_o: int  # lower filters per matmul tile; > 1 only when a tile holds whole lower filters
+    tile_p: int  # predecessors per matmul tile
+
+
 class _PairWork:
-    """What every block of one layer pair shares, and the computation of one block of lower filters.
+    """What every block of one layer pair shares, and the rotation sums of one block of lower filters.
 
     Per block every tensor is laid out ``(o, p, i)``: lower filter, predecessor,
     upper filter.  Workspaces are allocated once per worker, because fresh large
     allocations cost page faults that would dominate on a CPU.
     """
 
-    def __init__(self, upper: _Kernels, lower: _Kernels, keep, plane, rotation: bool) -> None:
+    def __init__(self, upper: _Kernels, lower: _Kernels, keep, plane) -> None:
         import torch
 
         self.upper, self.lower, self.keep, self.plane = upper, lower, keep, plane
-        self.rotate = plane is not None and rotation
-        self.n_shifts = self.n_taps = 0
-        if not self.rotate:
-            return
         f_low, c = lower.sums.shape
         size = plane[0] * plane[1]
         shifts, self.has_zero = candidate_shifts(upper.kernel, lower.kernel, plane)
-        # (J, taps), so that indexing gives (O, C, J, taps): (O, C*J, taps) without a copy
-        self.index = torch.as_tensor(shift_gather_index(upper.kernel, lower.kernel, plane, shifts).T,
-                                     device=lower.flat.device)
+        # (taps_v, J*taps): v_p @ selector lists, per shift, the entries of v_p that meet u's taps
+        self.selector = torch.as_tensor(shift_selector(upper.kernel, lower.kernel, plane, shifts),
+                                        device=lower.flat.device)
         self.n_shifts, self.n_taps = len(shifts), upper.flat.shape[-1]
         # Scaling each kernel by 1/||x_perp|| first leaves the best shift unchanged and turns the
         # maximum straight into a cosine; an undefined rotation (x_perp = 0) becomes NaN.
         low_scale = torch.where(lower.perp_norm > 0, 1.0 / lower.perp_norm, torch.nan)
         up_scale = torch.where(upper.perp_norm > 0, 1.0 / upper.perp_norm, torch.nan)
-        self.v_scaled = torch.cat([lower.flat * low_scale[..., None], lower.flat.new_zeros(f_low, c, 1)], dim=-1)
-        self.u_scaled = (upper.flat * up_scale[..., None]).transpose(1, 2)  # (F_low, taps, F_per)
+        self.v_scaled = lower.flat * low_scale[..., None]
+        self.u_scaled = (upper.flat * up_scale[..., None]).transpose(1, 2).contiguous()  # (F_low, taps, F_per)
         self.low_mean = lower.sums * low_scale / size  # s(v) / (D ||v_perp||)
         self.up_mean = upper.sums * up_scale  # s(u) / ||u_perp||
         self.all_defined = bool(torch.isfinite(self.up_mean[keep]).all()) and bool(
             torch.isfinite(self.low_mean).all())
 
-    def buffers(self, steps):
+    def buffers(self, plan: _Plan):
+        """(matmul tile, pair block) workspaces of one worker."""
         import torch
 
-        n = steps[0] * steps[1] * steps[2]
         dev = self.lower.flat.device
-        return (torch.empty(n * max(self.n_shifts, 1), dtype=torch.float64, device=dev),
-                torch.empty(n, dtype=torch.float64, device=dev))
+        tile = plan.tile_o * plan.tile_p * self.n_shifts * plan.f_step
+        return (torch.empty(tile, dtype=torch.float64, device=dev),
+                torch.empty(plan.o_step * plan.p_step * plan.f_step, dtype=torch.float64, device=dev))
 
-    def run(self, o0: int, steps, buffers, out: _PerCone) -> None:
+    def run(self, o0: int, plan: _Plan, buffers, out: _Rotation) -> None:
         import torch
 
         upper, lower = self.upper, self.lower
-        o_step, p_step, f_step = steps
-        work, pairs = buffers
+        tile, pairs = buffers
         f_low, per_filter = upper.sums.shape
-        c, n_shifts, n_taps = lower.per_filter, self.n_shifts, self.n_taps
-        o1 = min(o0 + o_step, f_low)
+        c = lower.per_filter
+        o1 = min(o0 + plan.o_step, f_low)
         n_o = o1 - o0
-        if self.rotate:
-            # (O, C, J, taps): the entries of v that meet each tap of u at each candidate shift
-            gathered = self.v_scaled[o0:o1][:, :, self.index]
-        for p0 in range(0, c, p_step):
-            p1 = min(p0 + p_step, c)
-            n_p = p1 - p0
-            for f0 in range(0, per_filter, f_step):
-                f1 = min(f0 + f_step, per_filter)
-                n_f = f1 - f0
-                sl = (slice(o0, o1), slice(f0, f1))
-                block = pairs[: n_o * n_p * n_f].view(n_o, n_p, n_f)
-                out.dist_sum[sl] += _abs_difference_sum(upper.apex[sl], lower.apex[o0:o1, p0:p1], block)
-                if self.plane is not None:
-                    out.open_sum[sl] += _abs_difference_sum(upper.opening[sl], lower.opening[o0:o1, p0:p1], block)
-                if not self.rotate:
-                    continue
-                inner = work[: n_o * n_p * n_shifts * n_f].view(n_o, n_p * n_shifts, n_f)
-                torch.bmm(gathered[:, p0:p1].reshape(n_o, n_p * n_shifts, n_taps), self.u_scaled[o0:o1, :, f0:f1],
-                          out=inner)
-                # the largest inner product over shifts, per (o, p, i); 0 joins when some shift misses
-                torch.amax(inner.view(n_o, n_p, n_shifts, n_f), 2, out=block)
-                if self.has_zero:
-                    block.clamp_(min=0.0)
-                # cos = <shift emb u, emb v> / (|u_perp| |v_perp|) - s(u) s(v) / (D |u_perp| |v_perp|)
-                block.addcmul_(self.low_mean[o0:o1, p0:p1, None], self.up_mean[sl][:, None, :], value=-1.0)
-                block.clamp_(-1.0, 1.0).arccos_()
-                if self.all_defined:
-                    out.rot_sum[sl] += block.sum(1)
-                    out.rot_count[sl] += n_p
-                else:
-                    out.rot_count[sl] += torch.isfinite(block).sum(1).to(torch.float64)
-                    out.rot_sum[sl] += block.nan_to_num_(0.0).sum(1)
+        # (O, C, J*taps): the entries of v that meet each tap of u at each candidate shift
+        gathered = torch.matmul(self.v_scaled[o0:o1], self.selector)
+        for p0 in range(0, c, plan.p_step):
+            p1 = min(p0 + plan.p_step, c)
+            for f0 in range(0, per_filter, plan.f_step):
+                f1 = min(f0 + plan.f_step, per_filter)
+                block = pairs[: n_o * (p1 - p0) * (f1 - f0)].view(n_o, p1 - p0, f1 - f0)
+                self._best_inner_products(gathered, o0, (p0, p1), (f0, f1), plan, tile, block)
+                self._add_angles(block, (slice(o0, o1), slice(f0, f1)), (p0, p1), out)
+
+    def _best_inner_products(self, gathered, o0: int, p_range, f_range, plan: _Plan, tile, block) -> None:
+        """``block[o, p, i] = max_j <shift_j u_i, v_p>`` (scaled), one cache-sized matmul tile at a time.
+
+        Each tile is a contiguous run of ``block``: whole lower filters, or
+        predecessors of one lower filter.
+        """
+        import torch
+
+        (p0, p1), (f0, f1) = p_range, f_range
+        n_o, n_p, n_f = block.shape
+        n_shifts, n_taps = self.n_shifts, self.n_taps
+        u_block = self.u_scaled[o0:o0 + n_o, :, f0:f1]
+        rows = gathered.reshape(n_o, -1, n_taps)  # (O, C*J, taps): row p*J + j is v_p at shift j
+        for a in range(0, n_o, plan.tile_o):
+            b = min(a + plan.tile_o, n_o)
+            for q0 in range(p0, p1, plan.tile_p):
+                q1 = min(q0 + plan.tile_p, p1)
+                inner = tile[: (b - a) * (q1 - q0) * n_shifts * n_f].view(b - a, q1 - q0, n_shifts, n_f)
+                torch.bmm(rows[a:b, q0 * n_shifts:q1 * n_shifts], u_block[a:b], out=inner.view(b - a, -1, n_f))
+                # the largest inner product over shifts, per (o, p, i)
+                torch.amax(inner, 2, out=block[a:b, q0 - p0:q1 - p0])
+
+    def _add_angles(self, block, cones, p_range, out: _Rotation) -> None:
+        """Turn the best inner products of ``block`` into angles and add them to the cones' sums."""
+        import torch
+
+        p0, p1 = p_range
+        o_slice, f_slice = cones
+        if self.has_zero:  # 0 joins the maximum: some shift does not overlap
+            block.clamp_(min=0.0)
+        # cos = <shift emb u, emb v> / (|u_perp| |v_perp|) - s(u) s(v) / (D |u_perp| |v_perp|)
+        block.addcmul_(self.low_mean[o_slice, p0:p1, None], self.up_mean[o_slice, f_slice][:, None, :], value=-1.0)
+        block.clamp_(-1.0, 1.0).arccos_()
+        if self.all_defined:
+            out.total[o_slice, f_slice] += block.sum(1)
+            out.count[o_slice, f_slice] += p1 - p0
+        else:
+            out.count[o_slice, f_slice] += torch.isfinite(block).sum(1).to(torch.float64)
+            out.total[o_slice, f_slice] += block.nan_to_num_(0.0).sum(1)
 
 
-def _abs_difference_sum(upper_values, lower_values, block):
-    """sum_p |x_up[o, i] - x_low[o, p]| per (o, i), computed in ``block`` (O, C, F)."""
-    import torch
+def _chunking(f_low: int, c: int, per_filter: int, n_shifts: int, n_taps: int, memory_mb: float,
+              cache_bytes: float | None = None) -> _Plan:
+    """Blocks and matmul tiles of one worker, keeping its temporaries under ``memory_mb``.
 
-    torch.sub(upper_values[:, None, :], lower_values[:, :, None], out=block)
-    return block.abs_().sum(1)
-
-
-def _chunking(f_low: int, c: int, per_filter: int, n_shifts: int, n_taps: int,
-              memory_mb: float) -> tuple[int, int, int]:
-    """Lower filters, predecessors and upper filters per block, keeping temporaries under ``memory_mb``.
-
-    A block of ``O x P x F`` pairs needs ``J + 2`` doubles per pair (the inner
-    products over J shifts, the pair block, one reduction temporary), plus the
-    gathered lower kernels of its ``O`` filters.
+    A block of ``O x P x F`` pairs holds one double per pair; it is filled tile
+    by tile, each tile holding the ``J`` inner products of its pairs.  On a CPU
+    (``cache_bytes`` given) the tile is sized for the cache, so that its values
+    are reduced over the shifts before they leave it, and the block is larger,
+    so that few torch calls turn many pairs into angles.  Elsewhere (a GPU) a
+    tile is a whole block and both are as large as the budget allows.  The
+    gathered lower kernels of a block's ``O`` filters count too.
     """
     budget = max(float(memory_mb), 1e-3) * 2**20
-    # Large blocks, on a CPU too: every torch call is a parallel region whose barrier costs a
-    # scheduler time slice when the cores are shared, so fewer, bigger calls are much faster.
-    target = budget / 2
-    per_pair = 8.0 * (max(n_shifts, 1) + 2)
-    pairs = max(1, int(target // per_pair))
-    f_step = min(per_filter, pairs)
-    p_step = min(c, max(1, pairs // f_step))
+    shifts = max(n_shifts, 1)
+    tile_bytes = budget / 2 if cache_bytes is None else min(cache_bytes, budget / 4)
+    block_bytes = budget / 2 if cache_bytes is None else min(4 * cache_bytes, budget / 4)
+    tile_pairs = max(1, int(tile_bytes // (8.0 * shifts)))
+    block_pairs = tile_pairs if cache_bytes is None else max(tile_pairs, int(block_bytes // 8))
+    f_step = min(per_filter, tile_pairs)
+    p_step = min(c, max(1, block_pairs // f_step))
     o_step = 1
-    if p_step == c and f_step == per_filter:
-        gathered_per_o = 8.0 * c * n_shifts * n_taps
-        o_fit = int((budget / 2) // gathered_per_o) if gathered_per_o else f_low
-        o_step = max(1, min(pairs // (c * per_filter), o_fit))
-    return min(o_step, f_low), p_step, f_step
+    if p_step == c:
+        gathered_per_o = 8.0 * c * shifts * (n_taps + 1)
+        o_fit = int((budget / 4) // gathered_per_o) if gathered_per_o else f_low
+        o_step = max(1, min(block_pairs // (c * f_step), o_fit))
+    o_step = min(o_step, f_low)
+    per_tile = max(1, tile_pairs // f_step)
+    if per_tile >= c * 2 and o_step > 1:  # whole lower filters per tile
+        return _Plan(o_step, p_step, f_step, min(o_step, per_tile // c), c)
+    return _Plan(o_step, p_step, f_step, 1, min(p_step, per_tile))
 
 
 def _to_upper_order(values: np.ndarray, groups: int, per_filter: int, per_group_up: int) -> np.ndarray:

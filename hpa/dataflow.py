@@ -28,16 +28,22 @@ def predecessors(
     (unless that is None: identities at inference such as dropout are passed
     silently, since exporters drop them and ``via`` must agree across backends).
     Returns the predecessor names (input first, then sorted) and, per
-    predecessor, the operations passed from it to the layer, in order.
+    predecessor, the operations passed from it to the layer, in order (each
+    path's ops in order; a second path adds only the ops not yet listed).
     """
     found: dict[str, list[str]] = {}
     todo = [(source, ()) for source in sources]
-    visited: set[tuple[Hashable, tuple[str, ...]]] = set()
+    # A node reached again with the same *set* of ops adds nothing new: every path on from it
+    # was walked (depth first) before.  Keying on the set rather than the sequence keeps the walk
+    # linear in chains of op diamonds (x * sigmoid(x), decomposed norms), where the number of
+    # distinct sequences doubles with each diamond.
+    visited: set[tuple[Hashable, frozenset[str]]] = set()
     while todo:
         current, ops = todo.pop()
-        if (key(current), ops) in visited:
+        state = (key(current), frozenset(ops))
+        if state in visited:
             continue
-        visited.add((key(current), ops))
+        visited.add(state)
         name = endpoint(current)
         if name is not None:
             path = found.setdefault(name, [])

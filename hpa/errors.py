@@ -32,8 +32,16 @@ class OptionError(HpaError):
     """An option value is malformed or does not apply."""
 
 
+class UnknownOptionError(OptionError, TypeError):
+    """An option or keyword argument that nothing declares (a TypeError too, as Python's own for a bad keyword)."""
+
+
 class PluginError(HpaError):
     """A plugin registered something invalid, or two plugins claim the same name."""
+
+
+class OutputError(HpaError):
+    """An output folder or file cannot be written, or writing it would touch files hpa did not write."""
 
 
 class NonFiniteWeightsError(HpaError):

@@ -44,9 +44,9 @@ INPUT = "input"
 #: Activation functions, as ``Layer.activation`` names them.
 ACTIVATIONS = frozenset({
     "relu", "leaky_relu", "prelu", "relu6", "silu", "gelu", "hardswish", "sigmoid", "tanh", "elu",
-    "selu", "celu", "mish", "softplus", "hardsigmoid", "hardtanh", "rrelu", "glu", "softsign",
+    "selu", "celu", "mish", "softplus", "hardsigmoid", "hardtanh", "rrelu", "softsign",
     "logsigmoid", "threshold", "clamp",
-})
+})  # not glu: it halves an axis (the width, by default), so it is not element-wise
 #: Operations that pass a tensor on unchanged at inference time.
 INFERENCE_IDENTITIES = frozenset({
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
@@ -61,10 +61,19 @@ INFERABLE_FIELDS = ("kind", "stride", "padding", "dilation", "groups", "activati
 
 
 def unique_name(name: str, used: dict[str, int]) -> str:
-    """``name``, or ``name#2``, ``name#3``, ... when ``used`` has seen it; updates ``used``."""
+    """``name``, or ``name#2``, ``name#3``, ... when ``used`` has seen it; updates ``used``.
+
+    Every name handed out is recorded in ``used`` too, so a source name that
+    itself ends in ``#2`` never collides with a generated one.
+    """
     count = used.get(name, 0) + 1
+    candidate = name if count == 1 else f"{name}#{count}"
+    while candidate in used:
+        count += 1
+        candidate = f"{name}#{count}"
     used[name] = count
-    return name if count == 1 else f"{name}#{count}"
+    used.setdefault(candidate, 1)
+    return candidate
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: tuple[int, int] = (0, 0),
@@ -105,6 +114,10 @@ class Layer:
     # The control-flow branch that holds the layer ("If_0/then_branch"), None at top level.
     branch: str | None = None
 
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.weight.shape))
+        return f"<Layer {self.index} {self.name!r} {self.kind} {shape} act={self.activation}>"
+
     @property
     def transposed(self) -> bool:
         return self.kind in TRANSPOSED_KINDS
@@ -120,7 +133,7 @@ class Layer:
     @property
     def out_channels(self) -> int:
         if self.transposed:
-            return int(self.weight.shape[1]) * (self.groups or 1)
+            return int(self.weight.shape[1]) * int(self.groups or 1)
         return int(self.weight.shape[0])
 
     @property
@@ -129,31 +142,31 @@ class Layer:
             return int(self.weight.shape[0])
         if self.groups is None:
             return None
-        return int(self.weight.shape[1]) * self.groups
+        return int(self.weight.shape[1]) * int(self.groups)
 
     def attributes(self) -> dict[str, Any]:
         """The layer's description as JSON-ready values (no weights)."""
         return {
-            "index": self.index,
+            "index": int(self.index),
             "name": self.name,
             "kind": self.kind,
             "out_channels": self.out_channels,
             "in_channels": self.in_channels,
             "kernel_size": list(self.kernel_size),
             "stride": _list(self.stride),
-            "padding": None if self.padding is None else [list(p) for p in self.padding],
+            "padding": None if self.padding is None else [_list(p) for p in self.padding],
             "dilation": _list(self.dilation),
-            "groups": self.groups,
+            "groups": None if self.groups is None else int(self.groups),
             "output_padding": _list(self.output_padding) if self.transposed else None,
             "activation": self.activation,
-            "bn_folded": self.bn_folded,
+            "bn_folded": bool(self.bn_folded),
             "input_shape": _list(self.input_shape),
             "output_shape": _list(self.output_shape),
             "predecessors": list(self.predecessors),
             "via": {k: list(v) for k, v in self.via.items()},
             "channel_bias": self.channel_bias is not None,
             "inferred": list(self.inferred),
-            "params": dict(self.params),
+            "params": {k: v.item() if hasattr(v, "item") else v for k, v in self.params.items()},  # numpy eps
             "branch": self.branch,
         }
 
@@ -207,6 +220,29 @@ class ConvGraph:
         for layer in self.layers:
             kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
         return kinds
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in self.summary().items()) or "no layers"
+        head = [str(self.source.get("spec") or "")]
+        head += [] if self.input_shape is None else ["input=" + "x".join(map(str, self.input_shape))]
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return f"<ConvGraph {' '.join(filter(None, head))}".rstrip() + f": {kinds}{skipped}>"
+
+    def _repr_html_(self) -> str:
+        """A table for notebooks: one row per layer, no weights."""
+        from html import escape
+
+        head = "".join(f"<th>{h}</th>" for h in ("#", "layer", "kind", "weight", "stride", "groups", "act",
+                                                  "bn folded"))
+        rows = []
+        for layer in self.layers:
+            cells = (layer.index, layer.name, layer.kind, "×".join(map(str, layer.weight.shape)),
+                     "?" if layer.stride is None else "×".join(map(str, layer.stride)) or "-",
+                     "?" if layer.groups is None else layer.groups,
+                     "?" if layer.activation is None else layer.activation, "yes" if layer.bn_folded else "")
+            rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
+        caption = escape(repr(self))
+        return f"<table><caption>{caption}</caption><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _list(value: tuple | None) -> list | None:

@@ -1,16 +1,23 @@
-"""The plugin manager: built-in and third-party plugins, loaded the same way.
+"""The plugin manager: built-in and third-party plugins, registered the same way.
 
-Built-in plugins live in ``hpa_plugins`` (the ``plugins/`` folder) and are
-declared in hpa's own ``pyproject.toml`` under the ``hpa`` entry-point group,
-exactly like a third-party plugin.  ``BUILTIN_PLUGINS`` names them again so that
-hpa still works when entry-point autoloading is turned off or when it runs
-from a source tree that was never installed.
+Built-in plugins live in ``hpa_plugins`` (the ``plugins/`` folder).  They are
+registered by module path from ``BUILTIN_PLUGINS`` with the very same hookimpls a
+third-party plugin uses (as ``llm``'s ``DEFAULT_PLUGINS``), so hpa works from a
+source tree that was never installed and when autoloading is off.  hpa's
+``pyproject.toml`` also declares them under the ``hpa`` entry-point group, for
+tools that read entry points; ``tests/test_plugins.py`` checks that the two
+lists agree, and entry points named like a built-in are not loaded twice.
+Third-party plugins are loaded from the ``hpa`` entry-point group.
+
+The core owns every registry (:func:`registries`, :func:`module_converters`):
+each ``register_*`` hookimpl is called once, through pluggy, with a ``register``
+callback that records which plugin registered what and refuses collisions.
 
 Environment variables:
 
-* ``HPA_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry points except hpa's own.
+* ``HPA_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry-point plugins (the built-ins still load).
 * ``HPA_DISABLE_PLUGINS=a,b``: skip the named plugins (built-in or not).
-* ``HPA_TRACE_HOOKS=1``: print every hook call on stderr (for plugin authors).
+* ``HPA_TRACE_HOOKS=1``: print every hook call on stderr, the ``register_*`` ones included.
 """
 
 from __future__ import annotations
@@ -22,13 +29,13 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
 from hpa import hookspecs
 from hpa.errors import PluginError
-from hpa.registry import Experiment, Loader, Registry, Statistic
+from hpa.registry import Experiment, Loader, ModuleConverter, Registry, Statistic
 
 GROUP = "hpa"
 
@@ -41,6 +48,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "matconvnet": "hpa_plugins.matconvnet_loader",
     "projection": "hpa_plugins.projection",
     "cones": "hpa_plugins.cones",
+    "cifar": "hpa_plugins.cifar_models",
+    "digits_task": "hpa_plugins.digits_task",
+    "cifar_task": "hpa_plugins.cifar_task",
+    "mnist_task": "hpa_plugins.mnist_task",
+    "imagefolder_task": "hpa_plugins.imagefolder_task",
 }
 
 
@@ -62,6 +74,7 @@ class _State:
         self.versions: dict[str, str] = {}
         self.loaded = False
         self._registries: dict[str, Registry] | None = None
+        self._converters: dict[type, Any] | None = None  # module class -> convert function
 
 
 _state = _State()
@@ -121,13 +134,19 @@ def register(plugin: ModuleType | object, name: str) -> None:
     load_plugins()
     _state.pm.register(plugin, name=name)
     _check_hooks(name)
-    _state._registries = None
+    _forget_registries()
 
 
 def unregister(name: str) -> None:
     load_plugins()
     _state.pm.unregister(name=name)
+    _forget_registries()
+
+
+def _forget_registries() -> None:
+    """The registries are rebuilt from the hooks on next use (after a plugin came or went)."""
     _state._registries = None
+    _state._converters = None
 
 
 def registries() -> dict[str, Registry]:
@@ -139,22 +158,106 @@ def registries() -> dict[str, Registry]:
             "statistics": Registry[Statistic]("statistic", "name"),
             "experiments": Registry[Experiment]("experiment", "name"),
         }
-        hooks = {
-            "loaders": _state.pm.hook.register_loaders,
-            "statistics": _state.pm.hook.register_statistics,
-            "experiments": _state.pm.hook.register_experiments,
-        }
-        for key, hook in hooks.items():
-            for impl in hook.get_hookimpls():
-                owner = impl.plugin_name
-                impl.function(register=lambda item, _o=owner, _r=regs[key]: _r.register(item, _o))
+        hooks = {"loaders": "register_loaders", "statistics": "register_statistics",
+                 "experiments": "register_experiments"}
+        for key, hook_name in hooks.items():
+            _call_each(hook_name, regs[key].register)
+        _check_option_names(regs)
         _state._registries = regs
     return _state._registries
 
 
-def describe_plugins() -> list[dict[str, Any]]:
-    """Every plugin with its hooks and version, failures included."""
+def _call_each(hook_name: str, add: Callable[[Any, str], None]) -> None:
+    """Call every implementation of a ``register_*`` hook through pluggy (so tracing sees it), one
+    plugin at a time, with a ``register`` callback that passes ``add`` the item and its plugin."""
+    caller = getattr(_state.pm.hook, hook_name)
+    plugins = [plugin for _, plugin in _state.pm.list_name_plugin()]
+    for impl in caller.get_hookimpls():
+        others = [plugin for plugin in plugins if plugin is not impl.plugin]
+        one = _state.pm.subset_hook_caller(hook_name, remove_plugins=others)
+        one(register=_Register(impl.plugin_name, add))
+
+
+class _Register:
+    """The ``register`` callback one plugin receives; named after the plugin in hook traces."""
+
+    def __init__(self, owner: str, add: Callable[[Any, str], None]) -> None:
+        self.owner = owner
+        self.add = add
+
+    def __call__(self, item: Any) -> None:
+        self.add(item, self.owner)
+
+    def __repr__(self) -> str:
+        return f"<register for plugin {self.owner!r}>"
+
+
+# Scan keywords a plugin option must not shadow (hpa.scan's own parameters).
+RESERVED_OPTIONS = frozenset({"weights", "input_size", "fold_bn", "trust_pickle", "seed", "init", "statistics",
+                              "progress", "skip_1x1", "with_linear", "bins", "compare_init"})
+
+
+def _check_option_names(regs: dict[str, Registry]) -> None:
+    """Each statistic option has one owner, and no option shadows a scan keyword or a statistic's option.
+
+    Loaders may share names among themselves (only the chosen loader sees its options).
+    """
+    owner_of: dict[str, str] = {}
+    for stat in regs["statistics"].items():
+        for option in stat.options:
+            _check_option_name(option.name, f"statistic {stat.name}", owner_of)
+            owner_of[option.name] = f"statistic {stat.name}"
+    for loader in regs["loaders"].items():
+        for option in loader.options:
+            _check_option_name(option.name, f"loader {loader.prefix}", owner_of)
+
+
+def _check_option_name(name: str, owner: str, owner_of: dict[str, str]) -> None:
+    if name in RESERVED_OPTIONS or not name.isidentifier():
+        raise PluginError(f"the {owner} declares the option {name!r}, which is reserved or not a Python name; "
+                          "rename it in the plugin")
+    if name in owner_of:
+        raise PluginError(f"the {owner_of[name]} and the {owner} both declare the option {name!r}; "
+                          "prefix it with the statistic's name in one plugin")
+
+
+# -- module converters: torch module classes traced as one layer ------------------------------
+
+# Converters hpa's own modules register on import (hpa.nn); they survive _reset_for_tests.
+_CORE_CONVERTERS: dict[type, tuple[ModuleConverter, str]] = {}
+
+
+def register_module_converter(converter: ModuleConverter, owner: str = "hpa") -> None:
+    """Register a converter from core code; plugins use the ``register_module_converters`` hook."""
+    _add_converter(_CORE_CONVERTERS, converter, owner)
+    _state._converters = None
+
+
+def module_converters() -> dict[type, Any]:
+    """Module class -> convert function, from the core and the ``register_module_converters`` hooks."""
     load_plugins()
+    if _state._converters is None:
+        found = dict(_CORE_CONVERTERS)
+        _call_each("register_module_converters", lambda item, owner: _add_converter(found, item, owner))
+        _state._converters = {cls: converter.convert for cls, (converter, _) in found.items()}
+    return _state._converters
+
+
+def _add_converter(table: dict[type, tuple[ModuleConverter, str]], converter: Any, owner: str) -> None:
+    if not isinstance(converter, ModuleConverter) or not isinstance(converter.module_class, type):
+        raise PluginError(f"plugin {owner} registered {converter!r} as a module converter; "
+                          "call register(hpa.ModuleConverter(module_class, convert))")
+    cls = converter.module_class
+    if cls in table and (table[cls][1], table[cls][0]) != (owner, converter):
+        raise PluginError(f"plugins {table[cls][1]} and {owner} both register a module converter for "
+                          f"{cls.__module__}.{cls.__qualname__}; disable one with HPA_DISABLE_PLUGINS")
+    table[cls] = (converter, owner)
+
+
+def describe_plugins() -> list[dict[str, Any]]:
+    """Every plugin with its version, hooks, what it registers and their options; failures included."""
+    load_plugins()
+    registered = _registered_by_plugin()
     out = []
     for name, plugin in sorted(_state.pm.list_name_plugin(), key=lambda np_: np_[0]):
         hooks = sorted(h.name for h in _state.pm.get_hookcallers(plugin) or [])
@@ -163,9 +266,25 @@ def describe_plugins() -> list[dict[str, Any]]:
             "hooks": hooks,
             "version": _state.versions.get(name, ""),
             "builtin": name in BUILTIN_PLUGINS,
+            **registered.get(name, {}),
         })
     for failure in _state.failures:
         out.append({"name": failure.name, "hooks": [], "version": "", "error": failure.error})
+    return out
+
+
+def _registered_by_plugin() -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """plugin -> {"loaders": [...], "statistics": [...], ...}: names, descriptions and options."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for kind, registry in registries().items():
+        for item in registry.items():
+            name = getattr(item, registry.key)
+            entry = {"name": name, "kind": type(item).__name__.lower(),  # loader, statistic, experiment, task
+                     "description": getattr(item, "description", "")}
+            if getattr(item, "suffixes", ()):
+                entry["suffixes"] = list(item.suffixes)
+            entry["options"] = [option.describe() for option in getattr(item, "options", ())]
+            out.setdefault(registry.owner(name), {}).setdefault(kind, []).append(entry)
     return out
 
 

@@ -1,4 +1,9 @@
-"""ScanResult: one scan's findings, and every way out of it (dict/JSON, CSV, pandas, figures)."""
+"""ScanResult: one scan's findings, and every way out of it (dict/JSON, CSV, pandas, figures).
+
+A result read back from ``result.json`` (:func:`read_result`, :meth:`ScanResult.from_dict`)
+is a full ScanResult except that its layers carry no weights, so it can be
+tabled and redrawn but not recomputed.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,18 @@ import csv
 import json
 import math
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
-from hpa.graph import ConvGraph
-from hpa.registry import StatisticResult
+from hpa.errors import LoadError, OptionError
+from hpa.graph import ConvGraph, Layer, Skipped
+from hpa.registry import Statistic, StatisticResult
 
 SCHEMA_VERSION = 1
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # what ``hpa plot`` replaces in a result folder
 
 
 @dataclass
@@ -23,6 +32,15 @@ class ScanResult:
     options: dict[str, Any] = field(default_factory=dict)
     init: ConvGraph | None = None
     not_run: dict[str, str] = field(default_factory=dict)  # statistics left out by default, and why
+    # The Statistic plugins that computed ``statistics`` (name -> Statistic): their columns,
+    # tables and figures render this result, whatever the plugin registry holds later.
+    # Left empty, it is filled from the registry when the result is made.
+    statistic_plugins: dict[str, Statistic] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [name for name in self.statistics if name not in self.statistic_plugins]
+        if missing:
+            self.statistic_plugins = {**_registered(missing), **self.statistic_plugins}
 
     # -- the JSON schema (documented in README.md) ---------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -45,12 +63,46 @@ class ScanResult:
             "layers": layers,
             "skipped": self.skipped_dicts(),
         }
-        for result in self.statistics.values():
+        # Which statistic wrote which top-level key, in the order the statistics ran (for from_dict).
+        owners: dict[str, list[str]] = {name: [] for name in self.statistics}
+        for name, result in self.statistics.items():
             for key, value in result.extra.items():
-                if key in out:
+                if key in out and not (key in _extra_keys(owners) and out[key] is value):
                     raise ValueError(f"statistic extra key {key!r} collides with the result schema")
                 out[key] = value
+                owners[name].append(key)
+        out["statistic_extra_keys"] = owners
         return _finite(out)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], statistics: Iterable[Statistic] = ()) -> "ScanResult":
+        """The result ``to_dict`` described; its layers carry no weights (NaN placeholders).
+
+        ``statistics``: the Statistic plugins to render it with; others are taken from
+        the plugin registry.  Raises LoadError when ``data`` is not an hpa result.
+        """
+        _check_schema(data)
+        graph = ConvGraph([_layer(entry) for entry in data["layers"]], source=_source(data["model"]))
+        results = {name: StatisticResult() for name in _statistics_order(data)}
+        for entry in data["layers"]:
+            for name, values in entry.get("statistics", {}).items():
+                results.setdefault(name, StatisticResult()).layers[entry["name"]] = values
+        _restore_skipped(data.get("skipped", []), graph, results)
+        _restore_extra(data, results)
+        init = None if data.get("init") is None else ConvGraph([], source=dict(data["init"]))
+        return cls(graph=graph, statistics=results, options=dict(data.get("options") or {}), init=init,
+                   not_run=dict(data.get("statistics_not_run") or {}),
+                   statistic_plugins={s.name: s for s in statistics})
+
+    @classmethod
+    def from_json(cls, text: str, statistics: Iterable[Statistic] = ()) -> "ScanResult":
+        """:meth:`from_dict` of a JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LoadError(f"the result is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                            "give the result.json that hpa scan --out or --json wrote") from None
+        return cls.from_dict(data, statistics)
 
     def skipped_dicts(self) -> list[dict[str, Any]]:
         entries = [s.to_dict() for s in self.graph.skipped]
@@ -83,12 +135,9 @@ class ScanResult:
         return Path(path)
 
     def extra_tables(self) -> dict[str, list[dict[str, Any]]]:
-        from hpa.plugins import registries
-
         tables: dict[str, list[dict[str, Any]]] = {}
-        registry = registries()["statistics"]
         for name in self.statistics:
-            stat = registry.get(name) if name in registry else None
+            stat = self.statistic_plugins.get(name)
             if stat is not None and stat.tables is not None:
                 tables.update(stat.tables(self))
         return tables
@@ -101,22 +150,47 @@ class ScanResult:
         return pandas.DataFrame(self.layer_rows())
 
     # -- figures -----------------------------------------------------------------------
-    def plot(self, directory: str | os.PathLike, format: str = "png") -> list[Path]:
-        """Write every statistic's figures into ``directory``; returns the files."""
-        from hpa.plugins import registries
+    def plot(self, directory: str | os.PathLike, format: str = "png", *, dpi: float | None = None,
+             hist_range: float | None = None, layers: str | None = None) -> list[Path]:
+        """Write every statistic's figures into ``directory``; returns the files.
 
+        ``dpi`` overrides ``savefig.dpi`` (the user's matplotlibrc, else the house
+        dpi); ``hist_range`` fixes the half-width of cosine histograms; ``layers``
+        (comma-separated fnmatch patterns) chooses the layers drawn.  A statistic
+        without a renderer is named in a warning, not dropped silently.
+        """
+        from hpa.render import style
+
+        options = style.FigureOptions(format=format, dpi=dpi, hist_range=hist_range, layers=layers)
+        self._check_layer_pattern(layers)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        registry = registries()["statistics"]
         written: list[Path] = []
-        for name in self.statistics:
-            stat = registry.get(name) if name in registry else None
-            if stat is not None and stat.plot is not None:
+        unrendered = []
+        with style.drawing(options):
+            for name in self.statistics:
+                stat = self.statistic_plugins.get(name)
+                if stat is None or stat.plot is None:
+                    unrendered.append(name)
+                    continue
                 written += stat.plot(self, directory, format)
+        _warn_unrendered([n for n in unrendered if self.statistic_plugins.get(n) is None])
         return written
 
-    def write(self, directory: str | os.PathLike, format: str = "png") -> list[Path]:
-        """result.json, layers.csv, the statistics' CSVs and figures, into ``directory``."""
+    def _check_layer_pattern(self, pattern: str | None) -> None:
+        from hpa.registry import suggest
+        from hpa.render.style import select
+
+        names = [layer.name for layer in self.graph]
+        if pattern and not select(names, pattern):
+            raise OptionError(f"--layers {pattern!r} matches no layer of {len(names)}{suggest(pattern, names)}; "
+                              f"layer names look like {', '.join(names[:3])}")
+
+    def write(self, directory: str | os.PathLike, format: str = "png", **figure_options: Any) -> list[Path]:
+        """result.json, layers.csv, the statistics' CSVs and figures, into ``directory``.
+
+        ``figure_options``: ``dpi``, ``hist_range``, ``layers``, as for :meth:`plot`.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "result.json").write_text(self.to_json() + "\n")
@@ -124,7 +198,177 @@ class ScanResult:
         for filename, rows in self.extra_tables().items():
             write_csv(directory / filename, rows)
             files.append(directory / filename)
-        return files + self.plot(directory, format)
+        return files + self.plot(directory, format, **figure_options)
+
+    # -- notebooks -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        """One line: the model, the statistics and what was not analysed (never weights or arrays)."""
+        spec = self.graph.source.get("spec", "model")
+        stats = ", ".join(self.statistics) or "none"
+        not_run = f", not run: {', '.join(self.not_run)}" if self.not_run else ""
+        init = ", compared with init" if self.init is not None else ""
+        skipped = len(self.skipped_dicts())
+        return (f"<ScanResult {spec}: {len(self.graph)} layers, statistics: {stats}{not_run}{init}, "
+                f"{skipped} not analysed>")
+
+    def _repr_html_(self) -> str:
+        """The terminal's layer table as an HTML table, under the header line."""
+        from html import escape
+
+        from hpa.render.table import header_line, table_cells
+
+        headers, _, rows = table_cells(self, width=None)
+        head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><caption>{escape(header_line(self))}</caption><tr>{head}</tr>{body}</table>"
+
+
+def read_result(path: str | os.PathLike, statistics: Iterable[Statistic] = ()) -> ScanResult:
+    """The ScanResult saved in ``path`` (a result.json, or the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "result.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoadError(f"result file {path} does not exist; give the result.json that hpa scan --out wrote") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoadError(f"cannot read result file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ScanResult.from_json(text, statistics)
+
+
+def redraw(path: str | os.PathLike, out: str | os.PathLike, format: str = "png",
+           **figure_options: Any) -> list[Path]:
+    """Redraw the figures of the result in ``path`` into the folder ``out``; returns the figures.
+
+    ``out`` follows the rules of ``hpa scan --out`` (hpa.files): it is replaced as a
+    whole, atomically, and only when it is new, empty or holds nothing but what hpa
+    wrote.  The files it held besides figures (result.json, CSVs) are kept, so a
+    result folder can be redrawn in place.
+    """
+    from hpa.files import MANIFEST, atomic_directory
+
+    result = read_result(path)
+    result._check_layer_pattern(figure_options.get("layers"))  # fail before touching ``out``
+    with atomic_directory(out) as staging:
+        _keep_non_figures(Path(out), staging, skip=(MANIFEST,))
+        files = result.plot(staging, format, **figure_options)
+    return [Path(out) / f.relative_to(staging) for f in files]
+
+
+def _keep_non_figures(source: Path, staging: Path, skip: tuple[str, ...]) -> None:
+    """Copy what ``source`` holds (hpa's own files, checked by atomic_directory) except its figures."""
+    if not source.is_dir():
+        return
+    for entry in source.rglob("*"):
+        relative = entry.relative_to(source)
+        if entry.is_dir() or relative.name in skip or entry.suffix.lower() in FIGURE_SUFFIXES:
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(entry, staging / relative)
+
+
+# -- reading a result back --------------------------------------------------------------------
+
+def _registered(names: list[str]) -> dict[str, Statistic]:
+    from hpa.plugins import registries
+
+    registry = registries()["statistics"]
+    return {name: registry.get(name) for name in names if name in registry}
+
+
+def _warn_unrendered(names: list[str]) -> None:
+    if names:
+        from hpa.plugins import HpaWarning
+
+        warnings.warn(f"no figures for {', '.join(names)}: the plugin that computed it is not installed; "
+                      "install it, or pass its Statistic to read_result", HpaWarning, stacklevel=3)
+
+
+def _check_schema(data: Any) -> None:
+    if not isinstance(data, Mapping) or "layers" not in data or "schema_version" not in data:
+        raise LoadError("this JSON is not an hpa result (no schema_version or layers); "
+                        "give the result.json that hpa scan --out or --json wrote")
+    if not isinstance(data["schema_version"], int) or data["schema_version"] > SCHEMA_VERSION:
+        raise LoadError(f"the result has schema_version {data['schema_version']!r}, newer than this hpa "
+                        f"reads ({SCHEMA_VERSION}); upgrade hpa")
+
+
+def _statistics_order(data: Mapping[str, Any]) -> list[str]:
+    """The statistics in the order they ran (older results: as the layers list them, then by name)."""
+    order = list(data.get("statistic_extra_keys") or {})
+    for entry in data["layers"]:
+        order += [name for name in entry.get("statistics", {}) if name not in order]
+    return order + sorted(set(data.get("statistics", [])) - set(order))
+
+
+def _source(model: Mapping[str, Any]) -> dict[str, Any]:
+    source = dict(model)
+    source.pop("n_layers", None)  # to_dict adds it; it is not part of the source
+    return source
+
+
+def _layer(entry: Mapping[str, Any]) -> Layer:
+    """A Layer with every attribute ``entry`` gives and a NaN weight of the right shape (no memory)."""
+    import numpy as np
+
+    shape = _weight_shape(entry)
+    channel_bias = np.broadcast_to(np.float32(np.nan), shape[:2]) if entry.get("channel_bias") else None
+    return Layer(
+        name=entry["name"], index=entry["index"], kind=entry["kind"],
+        weight=np.broadcast_to(np.float32(np.nan), shape), stride=_tuple(entry.get("stride")),
+        padding=None if entry.get("padding") is None else tuple(tuple(p) for p in entry["padding"]),
+        dilation=_tuple(entry.get("dilation")), groups=entry.get("groups"),
+        output_padding=_tuple(entry.get("output_padding")), activation=entry.get("activation"),
+        bn_folded=bool(entry.get("bn_folded")), input_shape=_tuple(entry.get("input_shape")),
+        output_shape=_tuple(entry.get("output_shape")), predecessors=tuple(entry.get("predecessors", ())),
+        via={k: tuple(v) for k, v in (entry.get("via") or {}).items()}, channel_bias=channel_bias,
+        inferred=tuple(entry.get("inferred", ())), params=dict(entry.get("params") or {}),
+        branch=entry.get("branch"))
+
+
+def _weight_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The weight shape the JSON attributes imply (graph.py's conventions); 1 where they do not tell."""
+    out, into, groups = entry["out_channels"], entry.get("in_channels"), entry.get("groups") or 1
+    kernel = tuple(entry.get("kernel_size") or ())
+    if entry["kind"] == "linear":
+        return (out, into or 1)
+    if entry["kind"].startswith("conv_transpose"):
+        return (into or 1, out // groups, *kernel)
+    return (out, (into // groups) if into and entry.get("groups") else 1, *kernel)
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+def _restore_skipped(entries: list[Mapping[str, Any]], graph: ConvGraph,
+                     results: dict[str, StatisticResult]) -> None:
+    for entry in entries:
+        skipped = Skipped(entry["name"], entry["reason"], entry.get("statistic"))
+        owner = results.get(skipped.statistic) if skipped.statistic else None
+        (owner.skipped if owner is not None else graph.skipped).append(skipped)
+
+
+_SCHEMA_KEYS = {"schema_version", "hpa_version", "model", "init", "options", "statistics", "statistics_not_run",
+                "layers", "skipped", "statistic_extra_keys"}
+
+
+def _restore_extra(data: Mapping[str, Any], results: dict[str, StatisticResult]) -> None:
+    """Give each statistic back its top-level keys; a result from before statistic_extra_keys gives
+    every statistic all of them (to_dict accepts the same value from several)."""
+    owners = data.get("statistic_extra_keys")
+    if owners is None:
+        unowned = [k for k in data if k not in _SCHEMA_KEYS]
+        owners = {name: unowned for name in results}
+    for name, keys in owners.items():
+        if name in results:
+            results[name].extra.update({key: data[key] for key in keys if key in data})
+
+
+def _extra_keys(owners: Mapping[str, list[str]]) -> set[str]:
+    return {key for keys in owners.values() for key in keys}
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

@@ -6,6 +6,7 @@ The parsing lives in :mod:`hpa.backends.matconvnet`; this plugin only registers 
 from __future__ import annotations
 
 from hpa.hookspecs import hookimpl
+from hpa import sniff
 from hpa.registry import Loader, LoadOptions
 
 
@@ -15,6 +16,7 @@ def register_loaders(register):
         prefix="matconvnet",
         load=load,
         suffixes=(".mat",),
+        sniff=sniff.is_matlab,  # files with no or an unknown suffix, by content
         description="MatConvNet model files (SimpleNN or DagNN .mat, read with scipy.io.loadmat)",
     ))
 

@@ -3,18 +3,20 @@
 Reads the model with the ``onnx`` package, resolves every conv, transposed
 conv and linear layer's weights whatever route they take into the node, folds
 BatchNormalization and per-channel Mul/Add affines, and traces predecessors
-through the graph.  The work is in :mod:`hpa.backends.onnx_graph`; onnx is
+through the graph, inside control-flow subgraphs and local functions too.  The
+work is in the :mod:`hpa.backends.onnx` package; onnx is
 imported only when a model is loaded, so ``hpa --help`` stays fast.
 """
 
 from __future__ import annotations
 
 from hpa.hookspecs import hookimpl
+from hpa import sniff
 from hpa.registry import Loader, LoadOptions
 
 
 def load(name: str, options: LoadOptions):
-    from hpa.backends.onnx_graph import load_onnx
+    from hpa.backends.onnx.builder import load_onnx
 
     return load_onnx(name, options)
 
@@ -25,5 +27,6 @@ def register_loaders(register):
         prefix="onnx",
         load=load,
         suffixes=(".onnx",),
+        sniff=sniff.is_onnx,  # files with no or an unknown suffix, by content
         description="ONNX model files (onnx:PATH or PATH.onnx); external data is memory-mapped",
     ))

@@ -249,9 +249,9 @@ def tables(result) -> dict[str, list[dict[str, Any]]]:
 
 
 def plot(result, directory: Path, fmt: str) -> list[Path]:
-    from hpa.render.figures import projection_figures
+    from hpa_plugins.projection_figures import projection_figures
 
-    return projection_figures(result, directory, fmt)
+    return projection_figures(result, Path(directory), fmt)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

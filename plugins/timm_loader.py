@@ -4,7 +4,8 @@ Pretrained weights come from the Hugging Face cache (``HF_HUB_OFFLINE=1`` is
 honoured).  ``--weights PATH`` loads a local file through timm's
 pretrained-config ``file`` overlay, so timm's own checkpoint filters run and a
 torchvision-format file loads into the timm model; timm reads it with
-``weights_only=True``.  ``--weights none`` gives a seeded random init.
+``weights_only=True``.  ``--weights none`` (``weights=None`` in Python) gives a seeded random init.
+Keywords for ``timm.create_model``: the options below (``-o num_classes=10``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import os
 
 from hpa.errors import LoadError, SpecError
 from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, suggest
+from hpa.registry import Loader, LoadOptions, Option, suggest
 
 PREFIX = "timm"
+# Keywords for timm.create_model (None: timm's default).
+OPTIONS = (
+    Option("num_classes", int, None, "classes of the classifier (default: the pretrained config's)"),
+    Option("in_chans", int, None, "input channels; timm adapts the first conv of pretrained weights"),
+)
 
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True,
+    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True, options=OPTIONS,
                     description="timm models, NAME or NAME.TAG (Hugging Face cache, a file, or none)"))
 
 
@@ -41,25 +47,86 @@ def load(name: str, options: LoadOptions):
         raise SpecError(f"unknown timm model {name!r}{suggest(architecture, timm.list_models(), PREFIX + ':')} "
                         f"(list them with: hpa list-models timm 'PATTERN')")
     weights = options.weights
-    kwargs = dict(options.extra)
-    source = {"weights": weights or "pretrained"}
-    if weights is not None and weights.lower() == "none":
+    kwargs = {key: value for key, value in options.extra.items() if value is not None}
+    source = {"weights": "pretrained" if options.default_weights else weights}
+    if options.random_init:
         from hpa.backends.torch_models import seeded
 
         model = seeded(lambda: _create(timm, name, pretrained=False, **kwargs), options.seed)
         source.update(weights="none", seed=options.seed)
-    elif weights is not None:
+    elif not options.default_weights:
         if not os.path.exists(weights):
             raise LoadError(f"weights file {weights} does not exist; check the path")
         read_state_dict(weights, options.trust_pickle)  # validates the file safely, with clear errors
         model = _create(timm, name, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(weights)},
                         **kwargs)
     else:
-        model = _create(timm, name, pretrained=True, **kwargs)
+        model = _create_pretrained(timm, name, kwargs)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     input_size = options.input_size or tuple(cfg.get("input_size") or (3, 224, 224))
     source.update(input_size=list(input_size), fold_bn=options.fold_bn, pretrained_tag=cfg.get("tag"))
-    return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed)
+    return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed,
+                        copy_weights=False)  # the module is ours and dropped: no copy needed
+
+
+def _create_pretrained(timm, name: str, kwargs: dict):
+    """The model with its pretrained weights: from the cache without touching the network, else downloaded.
+
+    Offline, huggingface_hub retries for about a minute before it gives up, so the
+    cache is looked at first and the Hub is probed with a short timeout before a download.
+    """
+    cached, where, hint = _cached_weights(timm, name)
+    if cached is not None:  # timm's file route runs the same checkpoint filters as its Hub route
+        return _create(timm, name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    reason = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+        else unreachable(where)
+    if reason:
+        raise LoadError(f"no cached pretrained weights for timm:{name} in {hint} and they cannot be downloaded "
+                        f"({reason}); or pass --weights PATH, or --weights none for a random init")
+    return _create(timm, name, pretrained=True, **kwargs)
+
+
+def _cached_weights(timm, name: str) -> tuple[str | None, str, str]:
+    """(the cached weights file or None, the URL a download needs, where the cache is and how to fill it)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if repo:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo_id, _, revision = repo.partition("@")
+        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
+            path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+            if isinstance(path, str):
+                return path, constants.ENDPOINT, ""
+        return None, constants.ENDPOINT, (f"the Hugging Face cache {constants.HF_HUB_CACHE} (fill it on a "
+                                          f"connected machine with 'hf download {repo_id}' and copy it here, "
+                                          "or point HF_HOME at a filled one)")
+    url = cfg.url if cfg is not None else None
+    if not url:
+        raise LoadError(f"timm:{name} has no pretrained weights; pass --weights PATH or --weights none")
+    import torch
+
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, os.path.basename(url))
+    return (path if os.path.exists(path) else None), url, f"{folder} (copy {url} there on a connected machine)"
+
+
+def unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url`` cannot be reached within ``timeout`` seconds (proxy settings honoured), or None.
+
+    Any HTTP answer, even an error status, means the network works.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        return f"no connection to {url}: {reason}"
+    return None
 
 
 def _create(timm, name: str, **kwargs):

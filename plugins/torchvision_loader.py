@@ -3,7 +3,9 @@
 ``--weights``: omitted or ``DEFAULT`` -> the model's DEFAULT weights (from the
 torch hub cache, downloaded if missing); ``none`` -> seeded random init; an
 enum name such as ``IMAGENET1K_V1`` (or ``VGG19_Weights.IMAGENET1K_V1``); or a
-path to a local file.  Builder keywords can be passed with ``-o key=value``.
+path to a local file.  Builder keywords: the options below (``-o num_classes=10``);
+torchvision builders take different keywords, so hpa declares the ones that most take
+and the builder itself refuses one that its model does not.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import os
 
 from hpa.errors import LoadError, SpecError
 from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, suggest
+from hpa.registry import Loader, LoadOptions, Option, suggest
 
 PREFIX = "torchvision"
 # Input sizes that differ from 3x224x224.
 _INPUT_SIZES = {"inception_v3": (3, 299, 299)}
+# Builder keywords (None: the builder's default).
+OPTIONS = (
+    Option("num_classes", int, None, "classes of the last layer (default: those of the weights, else 1000)"),
+    Option("dropout", float, None, "dropout probability, for builders that take one (vgg, mobilenet, ...)"),
+)
 
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True,
+    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True, options=OPTIONS,
                     description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
 
 
@@ -42,31 +49,45 @@ def load(name: str, options: LoadOptions):
         raise SpecError(f"unknown torchvision model {name!r}{suggest(name, names, PREFIX + ':')} "
                         f"(list them with: hpa list-models torchvision)")
     builder_fn = torchvision.models.get_model_builder(name)
-    kwargs = dict(options.extra)
+    kwargs = {key: value for key, value in options.extra.items() if value is not None}
     weights = options.weights
     source = {"weights": weights or "DEFAULT"}
-    if weights is not None and weights.lower() == "none":
-        model = seeded(lambda: builder_fn(weights=None, **kwargs), options.seed)
+    if options.random_init:
+        model = seeded(lambda: _build(builder_fn, name, kwargs), options.seed)
         source.update(weights="none", seed=options.seed)
-    elif weights is not None and (os.path.exists(weights) or looks_like_path(weights)):
+    elif not options.default_weights and (os.path.exists(weights) or looks_like_path(weights)):
         from hpa.backends.torch_files import read_state_dict
 
         state = read_state_dict(weights, options.trust_pickle)
         if name in ("googlenet", "inception_v3"):
             kwargs.setdefault("aux_logits", any(k.startswith("aux") for k in state))
             kwargs.setdefault("init_weights", False)
-        model = build_for_weights(lambda: builder_fn(weights=None, **kwargs), state, f"{PREFIX}:{name}")
+        model = build_for_weights(lambda: _build(builder_fn, name, kwargs), state, f"{PREFIX}:{name}")
     else:
         enum = _resolve_enum(name, weights)
         state = _cached_state_dict(enum, name)
         kwargs.setdefault("num_classes", len(enum.meta.get("categories") or []) or 1000)
         if name in ("googlenet", "inception_v3"):
             kwargs.update(aux_logits=True, init_weights=False, transform_input=True)
-        model = build_for_weights(lambda: builder_fn(weights=None, **kwargs), state, f"{PREFIX}:{name}")
+        model = build_for_weights(lambda: _build(builder_fn, name, kwargs), state, f"{PREFIX}:{name}")
         source["weights"] = str(enum)
     input_size = options.input_size or _INPUT_SIZES.get(name, (3, 224, 224))
     source.update(input_size=list(input_size), fold_bn=options.fold_bn)
-    return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed)
+    return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed,
+                        copy_weights=False)  # the module is ours and dropped: no copy needed
+
+
+def _build(builder_fn, name: str, kwargs: dict):
+    """The untrained model; a declared option this builder does not take is one line, not a traceback."""
+    try:
+        return builder_fn(weights=None, **kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        from hpa.errors import OptionError
+
+        given = ", ".join(f"-o {key}" for key in kwargs)
+        raise OptionError(f"torchvision:{name} does not take {given} ({exc}); drop the option") from None
 
 
 def _resolve_enum(name: str, weights: str | None):
@@ -94,12 +115,31 @@ def _cached_state_dict(enum, name: str):
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     path = os.path.join(folder, filename)
     if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
+        # A short probe first: torch.hub waits without a time limit where the network drops packets.
+        reason = _unreachable(enum.url)
         try:
-            torch.hub.download_url_to_file(enum.url, path, progress=False)
-        except Exception as exc:  # offline, DNS failure, HTTP error
+            if reason is None:
+                os.makedirs(folder, exist_ok=True)
+                torch.hub.download_url_to_file(enum.url, path, progress=False)
+        except Exception as exc:  # DNS failure, HTTP error, a connection lost midway
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise LoadError(f"cannot download the {enum} weights of torchvision:{name} ({reason}); without "
-                            f"network, copy {filename} into {folder}, or pass --weights PATH, "
-                            "or --weights none for a random init") from None
+        if reason is not None:
+            raise LoadError(f"no cached {enum} weights of torchvision:{name} ({filename}) in {folder}, and hpa "
+                            f"cannot download them ({reason}); on a connected machine download {enum.url} and "
+                            "copy it into that folder (TORCH_HOME moves it), or pass --weights PATH, "
+                            "or --weights none for a random init")
     return read_state_dict(path)
+
+
+def _unreachable(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url`` cannot be reached within ``timeout`` seconds (proxy settings honoured), or None."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # an answer, even an error status, means the network works
+    except (OSError, ValueError) as exc:  # refused connections, DNS failures and timeouts
+        return f"no connection to {url.split('/')[2]}: {getattr(exc, 'reason', None) or exc}"
+    return None

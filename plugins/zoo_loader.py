@@ -2,8 +2,8 @@
 
 Weights (``--weights``):
 
-* omitted: the shipped trained weights, ``zoo/<NAME>.safetensors``;
-* ``none``: the initialisation, ``torch.manual_seed(recipe seed + --seed)`` then
+* omitted (``DEFAULT``): the shipped trained weights, ``zoo/<NAME>.safetensors``;
+* ``none`` (``weights=None`` in Python): the initialisation, ``torch.manual_seed(recipe seed + --seed)`` then
   build.  With the default ``--seed 0`` this is exactly the module training
   started from, so ``--compare-init`` compares the shipped weights with their
   true initialisation; any other ``--seed`` gives another random init;
@@ -53,7 +53,7 @@ def load(name: str, options: LoadOptions):
     source = {
         "model": config.name,
         "weights": weights_info,
-        "seed": config.seed + options.seed if options.weights == "none" else config.seed,
+        "seed": config.seed + options.seed if options.random_init else config.seed,
         "input_size": list(input_size),
         "fold_bn": options.fold_bn,
         "dataset": config.dataset,
@@ -62,7 +62,8 @@ def load(name: str, options: LoadOptions):
         "test_accuracy": metadata.get("test_accuracy"),
         "command": metadata.get("command"),
     }
-    return trace_module(model, tuple(input_size), fold_bn=options.fold_bn, source=source, seed=options.seed)
+    return trace_module(model, tuple(input_size), fold_bn=options.fold_bn, source=source, seed=options.seed,
+                        copy_weights=False)  # the module is ours and dropped: no copy needed
 
 
 def _config(name: str):
@@ -79,10 +80,10 @@ def _model(config, options: LoadOptions) -> tuple[Any, str]:
     from hpa_zoo.models import init
 
     weights = options.weights
-    if weights == "none":
+    if options.random_init:
         return init(config.name, config.seed + options.seed), "init"
     model = init(config.name)
-    if weights is None:
+    if options.default_weights:
         if not config.weights_path.exists():
             raise LoadError(f"the zoo has no trained weights for {config.name} ({config.weights_path} is missing); "
                             f"rebuild them with: python -m hpa_zoo.train {config.name} --out zoo/")

@@ -32,7 +32,8 @@ def test_scan_prints_a_table_with_skipped_layers(net_file, run_hpa):
     for column in ("layer", "kind", "shape", "F", "n_l", "mean cos"):
         assert column in header
     assert any(l.split()[1:3] == ["0", "conv2d"] for l in lines if l[:1].isdigit())
-    assert any("6 [projection]: linear layer; pass --with-linear" in l for l in lines)
+    skipped = [l for l in lines if "[projection]" in l and "linear layer; pass --with-linear" in l]
+    assert len(skipped) == 1 and skipped[0].split()[0] == "1" and skipped[0].endswith(": 6"), skipped
 
 
 def test_json_follows_the_documented_schema(net_file, run_hpa):
@@ -60,7 +61,8 @@ def test_out_writes_json_csv_and_figures(net_file, run_hpa, tmp_path):
     proc = run_hpa("scan", path, "--out", out, "--format", "svg")
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["filters.csv", "layers.csv", "projection_histograms.svg", "projection_n_l.svg", "result.json"]
+    assert names == [".hpa-manifest.json", "filters.csv", "layers.csv", "projection_histograms.svg",
+                     "projection_n_l.svg", "result.json"]
     data = json.loads((out / "result.json").read_text())
     rows = list(csv.DictReader((out / "layers.csv").open()))
     assert [r["name"] for r in rows] == [l["name"] for l in data["layers"]]
@@ -103,9 +105,23 @@ def test_nan_weights_are_reported_per_layer_and_exit_2(tmp_path, run_hpa):
     ("torchvision:resnet19", ["unknown torchvision model", "resnet18"]),
     ("timm:resnet5O", ["unknown timm model", "resnet50"]),
     ("vgg19", ["neither a file", "torchvision:vgg19"]),
+    ("timm:vit_tiny", ["unknown timm model", "did you mean 'timm:vit_tiny_patch16_224'"]),
 ])
 def test_unknown_names_suggest_close_ones(spec, words, run_hpa):
     assert_bad_input(run_hpa("scan", spec), *words)
+
+
+def test_a_missing_file_is_said_to_be_missing_with_the_formats_hpa_reads(run_hpa):
+    for spec in ("model.h5", "weights/model.onnx2"):
+        line = assert_bad_input(run_hpa("scan", spec), f"{spec} does not exist", ".pth", ".onnx", ".safetensors")
+        assert "torchvision:model" not in line and "did you mean" not in line
+
+
+def test_list_models_suggests_only_names_that_are_close(run_hpa):
+    nothing = assert_bad_input(run_hpa("list-models", "timm", "nonexistent*"), "no timm model matches")
+    assert "did you mean" not in nothing and "**" not in nothing and "hpa list-models timm" in nothing
+    typo = assert_bad_input(run_hpa("list-models", "timm", "resnet5O*"), "did you mean")
+    assert "'resnet50'" in typo
 
 
 def test_unknown_statistic_and_bad_options(net_file, run_hpa):

@@ -21,20 +21,25 @@ STATE_CODE = {name: code for code, name in enumerate(cones.STATES)}
 
 # -- the oracle ---------------------------------------------------------------------------------
 
-def oracle(lower_w, lower_b, upper_w, upper_b, groups, plane):
+def oracle(lower_w, lower_b, upper_w, upper_b, groups, plane, lower_dilation=(1, 1), upper_dilation=(1, 1)):
     """Per-cone (state, mean |d|/max|d|, mean |delta|, mean rho), one Python loop per pair.
 
-    Each kernel is embedded in the D-dimensional plane; apexes and openings come
+    Each kernel is embedded in the D-dimensional plane (a dilated kernel with its
+    taps ``dilation`` apart, as the conv applies it); apexes and openings come
     from their formulas; the rotation is minimised over all D cyclic shifts with
     ``np.roll``.  Degenerate cones get state -1 and NaN statistics.
     """
     height, width = plane
     size = height * width
 
-    def emb(x):
-        plane_ = np.zeros((height, width))
-        plane_[:x.shape[0], :x.shape[1]] = x
-        return plane_.ravel()
+    def embedder(dilation):
+        def emb(x):
+            plane_ = np.zeros((height, width))
+            plane_[:(x.shape[0] - 1) * dilation[0] + 1:dilation[0], :(x.shape[1] - 1) * dilation[1] + 1:dilation[1]] = x
+            return plane_.ravel()
+        return emb
+
+    emb_up, emb_low = embedder(upper_dilation), embedder(lower_dilation)
 
     def apex(e, beta):
         return -beta / e.sum()
@@ -53,8 +58,8 @@ def oracle(lower_w, lower_b, upper_w, upper_b, groups, plane):
     for i in range(f_up):
         for o_local in range(per_group_up):
             o = (i // per_filter) * per_group_up + o_local  # the global channel of a grouped conv
-            eu = emb(upper_w[i, o_local])
-            predecessors = [emb(lower_w[o, p]) for p in range(per_group_low)]
+            eu = emb_up(upper_w[i, o_local])
+            predecessors = [emb_low(lower_w[o, p]) for p in range(per_group_low)]
             if eu.sum() == 0 or not eu.any() or any(ev.sum() == 0 or not ev.any() for ev in predecessors):
                 continue
             u_perp = eu - eu.mean()
@@ -100,11 +105,79 @@ def random_pair(rng, f_low, c_low, f_up, groups, k_low, k_up, bias_scale=0.1):
     return lower_w, lower_b, upper_w, upper_b
 
 
-def pair_from_layers(lower: Layer, upper: Layer):
-    low_b, _ = cones.channel_biases(lower.weight, lower.bias, lower.channel_bias)
-    up_b, _ = cones.channel_biases(upper.weight, upper.bias, upper.channel_bias)
-    return (np.asarray(lower.weight, np.float64), low_b, np.asarray(upper.weight, np.float64), up_b,
-            upper.groups)
+# -- everything from the torch module and the spec, nothing from hpa.cones -----------------------------
+
+def module_kernels(module: nn.Module):
+    """``(weight, biases, dilation, groups, rule)`` of a conv, read from the torch module.
+
+    Biases per single-channel kernel (STATISTICS.md §2 "Biases"): the channel-wise-ReLU
+    conv's own per-channel biases, otherwise the filter bias split evenly, ``b / C_g``.
+    """
+    weight = module.weight.detach().double().numpy()
+    filters, per_group = weight.shape[:2]
+    if isinstance(module, ChannelReLUConv2d):
+        return weight, module.bias.detach().double().numpy(), tuple(module.dilation), 1, "per-channel"
+    bias = np.zeros(filters) if module.bias is None else module.bias.detach().double().numpy()
+    biases = np.array([[bias[f] / per_group] * per_group for f in range(filters)])
+    return weight, biases, tuple(module.dilation), module.groups, "split"
+
+
+def input_planes(model: nn.Module, input_size) -> dict[str, tuple[int, int]]:
+    """The (H, W) each conv of ``model`` reads, from a real forward pass."""
+    planes, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, ChannelReLUConv2d)):
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: planes.__setitem__(name, tuple(args[0].shape[2:]))))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return planes
+
+
+def spread(weight, dilation):
+    """The kernel a dilated conv applies, written out for the fast function's array interface."""
+    k1, k2 = weight.shape[2:]
+    out = np.zeros(weight.shape[:2] + ((k1 - 1) * dilation[0] + 1, (k2 - 1) * dilation[1] + 1))
+    for a in range(k1):
+        for b in range(k2):
+            out[:, :, a * dilation[0], b * dilation[1]] = weight[:, :, a, b]
+    return out
+
+
+def module_oracle(lower: nn.Module, upper: nn.Module, plane):
+    lw, lb, ld, _, _ = module_kernels(lower)
+    uw, ub, ud, groups, _ = module_kernels(upper)
+    return oracle(lw, lb, uw, ub, groups, plane, lower_dilation=ld, upper_dilation=ud)
+
+
+def check_scan_against_modules(model: nn.Module, input_size, entries):
+    """Each pair's JSON entry (and the fast per-cone values) against the oracle fed from the modules."""
+    assert entries, "no eligible pairs"
+    planes = input_planes(model, input_size)
+    for entry in entries:
+        lower, upper = model.get_submodule(entry["lower"]), model.get_submodule(entry["upper"])
+        plane = planes[entry["upper"]]
+        assert planes[entry["lower"]] == plane and tuple(entry["plane"]) == plane
+        lw, lb, ld, _, low_rule = module_kernels(lower)
+        uw, ub, ud, groups, up_rule = module_kernels(upper)
+        assert entry["bias_rule"] == (low_rule if low_rule == up_rule else f"lower {low_rule}, upper {up_rule}")
+        want = oracle(lw, lb, uw, ub, groups, plane, lower_dilation=ld, upper_dilation=ud)
+        fast = cones.cone_pair_statistics(spread(lw, ld), lb, spread(uw, ud), ub, groups, plane, device="cpu")
+        assert_matches_oracle(fast, want)
+        states = want[0]
+        live = states >= 0
+        assert entry["n_cones"] == states.size and entry["degenerate"] == int((~live).sum())
+        for name, code in STATE_CODE.items():
+            assert entry["states"][name] == int((states == code).sum())
+            assert entry["fractions"][name] == pytest.approx((states == code).sum() / live.sum())
+        for key, values in zip(("distance", "opening", "rotation"), want[1:]):
+            values = values[np.isfinite(values)]
+            assert entry[key]["mean"] == pytest.approx(values.mean(), abs=1e-9)
+            assert entry[key]["std"] == pytest.approx(values.std(), abs=1e-9)
 
 
 # -- the fast implementation agrees with the oracle ------------------------------------------------
@@ -150,34 +223,13 @@ def random_network():
     )
 
 
-def check_scan_against_oracle(graph: ConvGraph, entries):
-    assert entries, "no eligible pairs"
-    for entry in entries:
-        lower, upper = graph[entry["lower"]], graph[entry["upper"]]
-        lw, lb, uw, ub, groups = pair_from_layers(lower, upper)
-        plane = tuple(entry["plane"])
-        want = oracle(lw, lb, uw, ub, groups, plane)
-        fast = cones.cone_pair_statistics(lw, lb, uw, ub, groups, plane, device="cpu")
-        assert_matches_oracle(fast, want)
-        states = want[0]
-        live = states >= 0
-        assert entry["n_cones"] == states.size and entry["degenerate"] == int((~live).sum())
-        for name, code in STATE_CODE.items():
-            assert entry["states"][name] == int((states == code).sum())
-            assert entry["fractions"][name] == pytest.approx((states == code).sum() / live.sum())
-        for key, values in zip(("distance", "opening", "rotation"), want[1:]):
-            values = values[np.isfinite(values)]
-            assert entry[key]["mean"] == pytest.approx(values.mean(), abs=1e-9)
-            assert entry[key]["std"] == pytest.approx(values.std(), abs=1e-9)
-
-
 def test_random_network_matches_oracle():
     model = random_network()
     result = hpa.scan(model, statistics=["cones"], input_size=(3, 12, 12))
     entries = result.to_dict()["pairs"]
     assert [(e["lower"], e["upper"]) for e in entries] == [("0", "2"), ("2", "5"), ("5", "7"), ("10", "12")]
     assert {e["bias_rule"] for e in entries} == {"split"}
-    check_scan_against_oracle(result.graph, entries)
+    check_scan_against_modules(model, (3, 12, 12), entries)
 
 
 def tiny_channel_relu_net():
@@ -221,7 +273,7 @@ def test_trained_networks_match_oracle(build, rule, size):
     entries = result.to_dict()["pairs"]
     assert len(entries) == 2 and {e["bias_rule"] for e in entries} == {rule}
     assert entries[1]["plane"] == [size // 2, size // 2]
-    check_scan_against_oracle(result.graph, entries)
+    check_scan_against_modules(model, (3, size, size), entries)
     # training moved the biases off zero, so apexes differ and distances are not all zero
     assert any(e["distance"]["mean"] > 0 for e in entries)
 
@@ -362,8 +414,9 @@ def test_ineligible_pairs_are_listed_with_reasons():
     pairs = [(e["lower"], e["upper"]) for e in result.to_dict()["pairs"]]
     assert pairs == [("7", "9")]
     assert "stride 2" in reasons["0 -> 2"] and "stride 2" in reasons["2 -> 4"]
-    assert "max_pool2d" in reasons["4 -> 7"]
-    assert "plane" in reasons["9 -> 10"]
+    assert "has stride 2x2 (cone pairs need stride 1)" in reasons["0 -> 2"]
+    assert "max_pool2d" in reasons["4 -> 7"] and "not element-wise" in reasons["4 -> 7"]
+    assert "(cone pairs need both convs on the same plane)" in reasons["9 -> 10"]
     assert "larger than the 1x1 plane" in reasons["12 -> 14"]
     for alone in ("0", "2", "4", "10", "12", "14"):
         assert alone in reasons, alone
@@ -387,7 +440,7 @@ def test_other_connections_are_not_pairs():
     model = Branches().eval()
     result = hpa.scan(model, statistics=["cones"], input_size=(3, 8, 8))
     assert [(e["lower"], e["upper"]) for e in result.to_dict()["pairs"]] == [("a", "b")]
-    assert "reads 2 tensors" in skipped_reasons(result)["c"]
+    assert "reads 2 tensors" in skipped_reasons(result)["c"] and "not one conv" in skipped_reasons(result)["c"]
     # without folding, the BatchNorm sits between a and b's successor chain and is named
     unfolded = hpa.scan(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval(),
                                       nn.Conv2d(4, 4, 3, padding=1)).eval(),
@@ -417,18 +470,13 @@ def test_graph_without_shapes_gives_states_only():
     # a bare graph with no connectivity cannot pair anything
     bare = ConvGraph([Layer("a", 0, "conv2d", lw, stride=None), Layer("b", 1, "conv2d", uw, stride=None)])
     result = hpa.scan(bare, statistics=["cones"])
-    assert result.to_dict()["pairs"] == [] and "unknown" in skipped_reasons(result)["b"]
+    assert result.to_dict()["pairs"] == [] and "its input is unknown" in skipped_reasons(result)["b"]
 
 
 def test_dilated_convs_use_the_dilated_kernel():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1))
     result = hpa.scan(model, statistics=["cones"], input_size=(2, 7, 7))
-    entry = result.to_dict()["pairs"][0]
-    lower, upper = result.graph["0"], result.graph["2"]
-    lw, lb, uw, ub, groups = pair_from_layers(lower, upper)
-    want = oracle(cones.dilate(lw, (2, 2)), lb, uw, ub, groups, (7, 7))
-    assert entry["states"] == {name: int((want[0] == code).sum()) for name, code in STATE_CODE.items()}
-    assert entry["rotation"]["mean"] == pytest.approx(np.nanmean(want[3]), abs=1e-9)
+    check_scan_against_modules(model, (2, 7, 7), result.to_dict()["pairs"])
 
 
 # -- the plugin surface --------------------------------------------------------------------------------

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +17,8 @@ from hpa_plugins.projection import cosines, filter_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mcn_export as mcn  # noqa: E402
+from conftest import assert_bad_input  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-HPA = ROOT / ".venv" / "bin" / "hpa"
 SIZE = (3, 32, 32)
 
 
@@ -228,6 +224,7 @@ def test_unknown_layer_type_is_skipped(tmp_path):
     graph = hpa.load(path)
     assert [layer.name for layer in graph] == ["conv1", "conv2"]
     assert [s.name for s in graph.skipped] == ["mystery"] and "frobnicate" in graph.skipped[0].reason
+    assert "unknown MatConvNet layer type 'frobnicate'" in graph.skipped[0].reason
     assert graph["conv2"].predecessors == ("conv1",)
     assert graph["conv2"].via["conv1"] == ("relu", "frobnicate")
     assert graph["conv2"].groups is None and graph["conv2"].input_shape is None  # unknown after the mystery op
@@ -318,33 +315,56 @@ def test_mcos_file_is_what_scipy_calls_opaque(tmp_path):
     assert values["None"][0]["s2"] == b"dagnn.DagNN"
 
 
-def _cli_ready() -> bool:
-    return HPA.exists() and importlib.util.find_spec("hpa.cli") is not None
-
-
-@pytest.mark.skipif(not _cli_ready(), reason="the hpa CLI is not built yet")
 @pytest.mark.parametrize("case", BAD)
-def test_cli_bad_file(tmp_path, case):
+def test_cli_bad_file(tmp_path, case, run_hpa):
     path, _ = _bad_files(tmp_path)[case]
     out = tmp_path / "out"
-    env = dict(os.environ, HPA_DISABLE_PLUGIN_AUTOLOAD="1")
-    env.pop("HPA_DEBUG", None)
-    proc = subprocess.run([str(HPA), "scan", str(path), "--out", str(out)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_hpa("scan", path, "--out", out, env={"HPA_DEBUG": ""})
+    assert_bad_input(proc)
     assert not out.exists()
 
 
-@pytest.mark.skipif(not _cli_ready(), reason="the hpa CLI is not built yet")
-def test_cli_scans_mat_file(tmp_path):
+def test_cli_scans_mat_file(tmp_path, run_hpa):
     path = tmp_path / "res.mat"
     mcn.export_dagnn(residual_net().dag(), path, input_size=SIZE)
     out = tmp_path / "out"
-    env = dict(os.environ, HPA_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run([str(HPA), "scan", str(path), "--out", str(out)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = run_hpa("scan", path, "--stat", "projection", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert (out / "result.json").exists()
+
+
+def test_a_file_written_by_hand_from_the_format_description(tmp_path):
+    """Not through mcn_export: MatConvNet's documented layout, element by element.
+
+    A conv's ``weights{1}`` is H x W x D x K (``filters(h, w, d, k)`` is tap (h, w)
+    of input channel d in filter k), ``weights{2}`` has K biases, and ``pad`` is
+    ``[top bottom left right]``.  A non-square kernel and asymmetric padding make
+    a swapped axis or pair visible.
+    """
+    import scipy.io
+
+    rng = np.random.default_rng(0)
+    k, d, h, w = 4, 3, 3, 2
+    torch_weight = rng.standard_normal((k, d, h, w)).astype(np.float32)  # (K, D, H, W)
+    filters = np.zeros((h, w, d, k), np.float32)
+    for index in np.ndindex(k, d, h, w):
+        o, c, y, x = index
+        filters[y, x, c, o] = torch_weight[index]
+    biases = np.arange(1, k + 1, dtype=np.float32).reshape(1, k)
+    weights = np.empty((1, 2), dtype=object)  # a 1x2 cell
+    weights[0, 0], weights[0, 1] = filters, biases
+    layer = {"name": "c1", "type": "conv", "weights": weights,
+             "pad": np.array([[1.0, 2.0, 0.0, 1.0]]), "stride": np.array([[1.0, 1.0]]),
+             "dilate": np.array([[1.0, 1.0]])}
+    layers = np.empty((1, 1), dtype=object)
+    layers[0, 0] = layer
+    meta = {"inputs": {"name": "input", "size": np.array([[7.0, 5.0, float(d), 1.0]])}}
+    path = tmp_path / "hand.mat"
+    scipy.io.savemat(path, {"layers": layers, "meta": meta})
+    [got] = list(hpa.load(path))
+    np.testing.assert_array_equal(got.weight, torch_weight)
+    np.testing.assert_array_equal(got.bias, biases.ravel())
+    assert got.padding == ((1, 2), (0, 1)) and got.kernel_size == (3, 2)
+    x = torch.zeros(1, d, 7, 5)
+    want = F.conv2d(F.pad(x, (0, 1, 1, 2)), torch.from_numpy(torch_weight))  # F.pad: (left, right, top, bottom)
+    assert got.input_shape == (d, 7, 5) and got.output_shape == tuple(want.shape[1:])

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-torch = pytest.importorskip("torch")
+import onnx
+import torch
 F = torch.nn.functional
 
 import hpa  # noqa: E402

@@ -140,3 +140,33 @@ def test_a_conv_that_is_a_fully_connected_layer_follows_the_linear_rule():
     assert set(default.layers) == {"conv"}
     assert {s.name for s in default.skipped if "fully-connected" in s.reason} == {"fc6", "fc7"}
     assert set(scan_layers(fc6, fc7, sliding, with_linear=True).layers) == {"fc6", "fc7", "conv"}
+
+
+def test_threaded_path_of_a_large_layer_matches_the_formula(monkeypatch):
+    """§1: ``c_i = sum(w_i) / (||w_i||_2 * sqrt(n))`` for a layer large enough to be split over threads."""
+    pools = []
+    real_pool = projection._pool
+
+    def counting_pool():
+        pools.append(1)
+        return real_pool()
+
+    monkeypatch.setattr(projection, "_WORKERS", 4)  # the threaded path, whatever this machine's cores
+    monkeypatch.setattr(projection, "_pool", counting_pool)
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(330, 64, 8, 8)).astype(np.float32)  # 4096 weights per filter: > 4 chunks
+    w[7] = np.abs(w[7])
+    values = scan_layers(conv(weight=w)).layers["c"]
+    assert pools, "the layer did not take the threaded path"
+    rows = w.reshape(len(w), -1).astype(np.float64)
+    expected = [math.fsum(r) / (math.sqrt(math.fsum(r * r)) * math.sqrt(r.size)) for r in rows]
+    np.testing.assert_allclose(values["cosines"], expected, rtol=0, atol=1e-12)
+    assert values["n_l"] == sum(c <= 0 for c in expected) / len(expected)
+
+
+def test_layer_without_weights_is_listed():
+    """§1: nothing is dropped silently: a layer with no weights is skipped with its reason."""
+    empty = conv("empty", np.zeros((0, 3, 3, 3)))
+    result = scan_layers(empty, conv("full", np.ones((2, 3, 3, 3))))
+    assert set(result.layers) == {"full"}
+    assert [(s.name, s.reason) for s in result.skipped] == [("empty", "layer has no weights")]

@@ -1,4 +1,10 @@
-"""torchvision and timm loaders, offline: weights from files, caches, or a seeded init."""
+"""torchvision and timm loaders, offline by construction: weights from files, caches, or a seeded init.
+
+Every test runs with empty torch and Hugging Face caches, the hub in offline
+mode, and every proxy variable pointing at a closed local port, so that even on
+a machine with network access no test downloads anything (a download attempt
+fails at once and the loader's offline message is what the tests check).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,28 @@ import torchvision
 import hpa
 from conftest import assert_bad_input
 
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "http_proxy": DEAD_PROXY,
+           "https_proxy": DEAD_PROXY, "ALL_PROXY": DEAD_PROXY, "all_proxy": DEAD_PROXY, "NO_PROXY": "",
+           "no_proxy": ""}
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    """Empty caches and no way out, for this process and the ``hpa`` subprocesses it starts."""
+    env = {**OFFLINE, "TORCH_HOME": str(tmp_path / "th"), "HF_HOME": str(tmp_path / "hf")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
 
 def test_default_weights_fail_clearly_without_cache_or_network(tmp_path, run_hpa):
-    proc = run_hpa("scan", "torchvision:resnet18", env={"TORCH_HOME": str(tmp_path / "th")})
+    proc = run_hpa("scan", "torchvision:resnet18")
     line = assert_bad_input(proc, "cannot download", "resnet18-", "--weights")
     assert str(tmp_path / "th") in line
 
 
-def test_default_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+def test_default_weights_come_from_the_hub_cache(tmp_path):
     url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
     folder = tmp_path / "th" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
@@ -41,7 +60,7 @@ def test_weights_none_is_seeded_and_enum_names_are_checked():
 
 
 def test_timm_pretrained_fails_clearly_offline(tmp_path, run_hpa):
-    proc = run_hpa("scan", "timm:resnet18", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    proc = run_hpa("scan", "timm:resnet18")
     assert_bad_input(proc, "timm:resnet18", "HF_HUB_OFFLINE", "--weights")
 
 

@@ -41,7 +41,8 @@ from hpa.dataflow import predecessors
 from hpa.errors import LoadError, OptionError
 from hpa.files import check_model_file
 from hpa.fold import fold_affine, fold_batchnorm
-from hpa.graph import INPUT, ConvGraph, Layer, Skipped
+from hpa.graph import (ACTIVATIONS, INFERENCE_IDENTITIES, INPUT, ConvGraph, Layer, Skipped, conv_output_size,
+                       unique_name)
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -69,6 +70,8 @@ VIA_NAMES = {
     "softmax": "softmax", "loss": "loss", "scale": "mul", "noffset": "noffset", "spnorm": "spnorm",
     "crop": "crop",
 }
+#: Op types that pass their input on unchanged at inference (dropout).
+_IDENTITIES = frozenset(t for t, name in VIA_NAMES.items() if name in INFERENCE_IDENTITIES)
 #: Ops that keep their input's shape.
 _SAME_SHAPE = {"relu", "sigmoid", "tanh", "bnorm", "lrn", "dropout", "softmax", "scale", "noffset", "spnorm"}
 
@@ -207,8 +210,9 @@ def _simplenn_ops(entries: list[Any]) -> list[_Op]:
         raw = _text(_get(layer, "type"))
         name = _text(_get(layer, "name")) or f"layer{i + 1}"
         op = _Op(name, SIMPLENN_TYPES.get(raw.lower(), ""), raw, [f"x{i}"], [f"x{i + 1}"], layer)
-        if layer is None:
-            op.problem = "the layer is not a struct"
+        if not _is_struct(layer):
+            op.problem = (f"the layer is not a struct but {_describe(entry)}; every entry of the file's "
+                          "layers must be a layer struct with a 'type' field (re-save the network from MATLAB)")
         elif op.type in ("conv", "convt"):
             op.params = _simplenn_weights(layer, ("filters", "biases"))
         elif op.type == "bnorm":
@@ -308,7 +312,7 @@ def _build(net: _Net, image, fold_bn: bool):
     ends: dict[int, str] = {}  # id(layer) -> the variable carrying its (folded) output
     names: dict[str, int] = {}
     for op in order:
-        op.name = _unique(op.name, names)
+        op.name = unique_name(op.name, names)
         _run_op(op, nodes, shapes, consumers, layers, skipped, ends, fold_bn)
     for layer in layers:
         layer.activation, layer.activation_params = _activation_after(ends[id(layer)], consumers, fold_bn)
@@ -390,12 +394,6 @@ def _image_inputs(net: _Net, net_inputs: list[str], consumers) -> set[str]:
     return {v for v in net_inputs if any(op.type != "loss" for op in consumers.get(v, []))}
 
 
-def _unique(name: str, used: dict[str, int]) -> str:
-    count = used.get(name, 0) + 1
-    used[name] = count
-    return name if count == 1 else f"{name}#{count}"
-
-
 # -- conv layers -------------------------------------------------------------------------------
 
 def _conv_layer(op: _Op, in_shape, index: int):
@@ -471,9 +469,7 @@ def _torch_layout(filters: np.ndarray, dims: tuple[int, int, int, int]) -> np.nd
 
 
 def _out_size(size, kernel, stride, pads, dilation):
-    if size is None:
-        return None
-    return (size + pads[0] + pads[1] - dilation * (kernel - 1) - 1) // stride + 1
+    return None if size is None else conv_output_size(size, kernel, stride, tuple(pads), dilation)
 
 
 def _convt_size(size, kernel, upsample, crop):
@@ -570,7 +566,7 @@ def _op_shape(op: _Op, in_shapes: list[tuple]):
 
 def _activation_after(var: str, consumers, fold_bn: bool) -> tuple[str, dict[str, float]]:
     """The nonlinearity applied to the layer's output, seen through dropout (and unfolded BN)."""
-    passable = {"dropout"} | (set() if fold_bn else {"bnorm"})
+    passable = _IDENTITIES | (set() if fold_bn else {"bnorm"})
     while True:
         nxt = consumers.get(var, [])
         if len(nxt) != 1:
@@ -579,8 +575,8 @@ def _activation_after(var: str, consumers, fold_bn: bool) -> tuple[str, dict[str
         if op.type == "relu":
             leak = _float_value(_get(op.attrs, "leak"), 0.0)
             return ("leaky_relu", {"negative_slope": leak}) if leak != 0 else ("relu", {})
-        if op.type in ("sigmoid", "tanh"):
-            return op.type, {}
+        if VIA_NAMES.get(op.type) in ACTIVATIONS:
+            return VIA_NAMES[op.type], {}
         if op.type not in passable or not op.outputs:
             return "none", {}
         var = op.outputs[0]
@@ -593,7 +589,7 @@ def _predecessors(node: _Node) -> tuple[tuple[str, ...], dict[str, tuple[str, ..
         return INPUT if current.op in ("input", "missing") else None
 
     def op(current: _Node) -> str | None:
-        return None if current.op == "dropout" else current.op  # an identity at inference
+        return None if current.op in INFERENCE_IDENTITIES else current.op  # an identity at inference
 
     return predecessors(node.inputs, endpoint, lambda n: n.inputs, op)
 
@@ -657,6 +653,29 @@ def _items(value: Any) -> list[Any]:
     if isinstance(value, np.ndarray) and (value.dtype == object or value.dtype.names):
         return list(value.reshape(-1, order="F"))
     return [value]
+
+
+def _is_struct(value: Any) -> bool:
+    """Whether ``_struct`` gave a struct (a record, a mat_struct, a dict), not a number, string or cell."""
+    if isinstance(value, (np.void, dict)):
+        return True
+    return not isinstance(value, (np.ndarray, str, bytes, int, float)) and value is not None
+
+
+def _describe(value: Any) -> str:
+    """What a MATLAB value is, for a message: 'a 1x1 numeric array', 'an empty cell array', ..."""
+    if not isinstance(value, np.ndarray):
+        return f"a {type(value).__name__}"
+    if value.size == 0:
+        return "an empty cell array" if value.dtype == object else "an empty array"
+    if value.dtype.kind in "US":
+        return f"the text '{_text(value)}'"
+    shape = "x".join(str(n) for n in value.shape)
+    if value.dtype == object:
+        return f"a {shape} cell array"
+    kind = {"b": "logical", "f": "numeric", "i": "numeric", "u": "numeric",
+            "c": "complex"}.get(value.dtype.kind, str(value.dtype))
+    return f"a {shape} {kind} array"
 
 
 def _is_empty(value: Any) -> bool:

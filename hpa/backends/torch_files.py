@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
+import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from hpa.errors import LoadError, UnsafeFileError
+from hpa.errors import LoadError, OptionError, UnsafeFileError
 from hpa.files import check_model_file
 
-#: Keys under which checkpoints commonly wrap their state_dict, in order of preference.
+#: Keys under which checkpoints commonly wrap their state_dict, in order of preference:
+#: the trained weights before their exponential moving average.
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
-                   "weights", "params", "state_dict_ema", "model_ema", "ema")
+                   "weights", "params", "state_dict_ema", "ema_state_dict", "model_ema", "ema")
 
 
 @dataclass
@@ -35,26 +38,42 @@ class Checkpoint:
     state_dict: dict[str, Any] | None = None  # name -> torch.Tensor or np.ndarray
     module: torch.nn.Module | None = None
     key: str | None = None  # the checkpoint key the state_dict came from
+    keys: tuple[str, ...] = ()  # every checkpoint key that holds a weight set (state_dict or module)
+    module_classes: dict[str, str] = field(default_factory=dict)  # module name -> class, when stored
 
 
-def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | Path, trust_pickle: bool = False, checkpoint_key: str | None = None) -> Checkpoint:
+    """Read a torch file safely; ``checkpoint_key`` picks one of several weight sets."""
+    from hpa.sniff import detect
+
     path = check_model_file(path)
-    if path.suffix.lower() == ".safetensors":
+    content = detect(path)
+    if path.suffix.lower() == ".safetensors" or content == "safetensors":
+        _refuse_key_in_flat_file(path, checkpoint_key, "a safetensors file")
         return Checkpoint("state_dict", read_safetensors(path))
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if content == "torchscript":
+        _refuse_key_in_flat_file(path, checkpoint_key, "a TorchScript archive")
         try:
-            return Checkpoint("torchscript", module=torch.jit.load(str(path), map_location="cpu"))
+            with warnings.catch_warnings():  # torch's deprecation note is not about the user's file
+                warnings.simplefilter("ignore", FutureWarning)
+                return Checkpoint("torchscript", module=torch.jit.load(str(path), map_location="cpu"))
         except Exception as exc:
             raise LoadError(f"{path} is a TorchScript archive that torch cannot load ({_first_line(exc)})") from exc
     obj = _torch_load(path, trust_pickle)
-    return _interpret(obj, path)
+    return _interpret(obj, path, checkpoint_key)
 
 
-def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
-    checkpoint = read_checkpoint(path, trust_pickle)
+def read_state_dict(path: str | Path, trust_pickle: bool = False, checkpoint_key: str | None = None) -> dict[str, Any]:
+    checkpoint = read_checkpoint(path, trust_pickle, checkpoint_key)
     if checkpoint.kind == "state_dict":
         return checkpoint.state_dict
     return dict(checkpoint.module.state_dict())
+
+
+def _refuse_key_in_flat_file(path: Path, checkpoint_key: str | None, what: str) -> None:
+    if checkpoint_key is not None:
+        raise OptionError(f"-o checkpoint_key={checkpoint_key} does not apply: {path} is {what}, "
+                          "which holds one weight set; drop the option")
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -76,22 +95,88 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise LoadError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}); {hint}") from exc
 
 
-def _interpret(obj: Any, path: Path) -> Checkpoint:
+def _interpret(obj: Any, path: Path, checkpoint_key: str | None = None) -> Checkpoint:
     if isinstance(obj, torch.nn.Module):
+        _refuse_key_in_flat_file(path, checkpoint_key, "a pickled nn.Module")
         return Checkpoint("module", module=obj)
-    if isinstance(obj, Mapping):
-        if _is_state_dict(obj):
-            return Checkpoint("state_dict", _strip_prefix(dict(obj)))
-        for key in CHECKPOINT_KEYS:
-            value = obj.get(key)
-            if isinstance(value, torch.nn.Module):
-                return Checkpoint("module", module=value, key=key)
-            if isinstance(value, Mapping) and _is_state_dict(value):
-                return Checkpoint("state_dict", _strip_prefix(dict(value)), key=key)
-        keys = ", ".join(repr(k) for k in list(obj)[:8])
-        raise LoadError(f"{path} is a dict without a state_dict (keys: {keys}); expected tensors, or a "
-                        f"state_dict under one of {', '.join(CHECKPOINT_KEYS[:5])}, ...")
-    raise LoadError(f"{path} holds a {type(obj).__name__}, not a state_dict, checkpoint or nn.Module")
+    if not isinstance(obj, Mapping):
+        raise LoadError(f"{path} holds a {type(obj).__name__}, not a state_dict, checkpoint or nn.Module")
+    if _is_state_dict(obj):
+        _refuse_key_in_flat_file(path, checkpoint_key, "a bare state_dict")
+        return Checkpoint("state_dict", _strip_prefix(dict(obj)))
+    sets = [k for k, v in obj.items()
+            if isinstance(v, torch.nn.Module) or (isinstance(v, Mapping) and _is_state_dict(v))]
+    key = _choose_weight_set(path, obj, sets, checkpoint_key)
+    value, classes = obj[key], _module_classes(obj)
+    if isinstance(value, torch.nn.Module):
+        return Checkpoint("module", module=value, key=key, keys=tuple(sets), module_classes=classes)
+    return Checkpoint("state_dict", _strip_prefix(dict(value)), key=key, keys=tuple(sets), module_classes=classes)
+
+
+def _choose_weight_set(path: Path, obj: Mapping, sets: list[str], checkpoint_key: str | None) -> str:
+    """The requested key, else the preferred of CHECKPOINT_KEYS, else the only weight set."""
+    if checkpoint_key is not None:
+        if checkpoint_key in sets:
+            return checkpoint_key
+        present = ", ".join(map(str, sets)) if sets else "none"
+        raise OptionError(f"-o checkpoint_key={checkpoint_key}: {path} has no weight set under that key; "
+                          f"the keys holding weights are: {present}")
+    preferred = [k for k in CHECKPOINT_KEYS if k in sets]
+    if preferred:
+        return preferred[0]
+    if len(sets) == 1:
+        return sets[0]
+    if sets:
+        raise LoadError(f"{path} holds several weight sets ({', '.join(map(str, sets))}); "
+                        "pick one with -o checkpoint_key=KEY")
+    keys = ", ".join(repr(k) for k in list(obj)[:8])
+    raise LoadError(f"{path} is a dict without a state_dict (keys: {keys}); expected tensors, or a "
+                    f"state_dict under a key such as {', '.join(CHECKPOINT_KEYS[:5])}")
+
+
+def _module_classes(obj: Mapping) -> dict[str, str]:
+    """Module name -> class name, from a module repr (``str(model)``) or a name -> class dict
+    that some training scripts store beside the weights; {} when there is none."""
+    classes: dict[str, str] = {}
+    for value in obj.values():
+        if isinstance(value, str):
+            classes.update(parse_module_repr(value))
+        elif isinstance(value, Mapping) and value and all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in value.items()):
+            classes.update({k: v for k, v in value.items() if re.fullmatch(r"[A-Z]\w*", v)})
+    return classes
+
+
+_REPR_LINE = re.compile(r"^(?P<indent> *)\((?P<name>[^)]+)\): (?:\d+ x )?(?P<cls>[A-Za-z_]\w*)\(")
+
+
+def parse_module_repr(text: str) -> dict[str, str]:
+    """``str(model)`` -> {dotted module name: class name}; ``(0-2): 3 x Block(`` expands to 0, 1, 2."""
+    classes: dict[str, str] = {}
+    stack: list[list[str]] = []
+    for line in text.splitlines():
+        found = _REPR_LINE.match(line)
+        if not found:
+            continue
+        depth = len(found["indent"]) // 2
+        del stack[max(depth - 1, 0):]
+        names = _expand_range(found["name"])
+        stack.append(names)
+        for path in _paths(stack):
+            classes[path] = found["cls"]
+    return classes
+
+
+def _expand_range(name: str) -> list[str]:
+    bounds = re.fullmatch(r"(\d+)-(\d+)", name)
+    return [str(i) for i in range(int(bounds[1]), int(bounds[2]) + 1)] if bounds else [name]
+
+
+def _paths(stack: list[list[str]]) -> list[str]:
+    paths = [""]
+    for names in stack:
+        paths = [f"{p}.{n}" if p else n for p in paths for n in names]
+    return paths
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -106,11 +191,6 @@ def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 # -- safetensors, memory-mapped --------------------------------------------------------

@@ -55,9 +55,11 @@ def _describe(missing, unexpected, mismatched) -> str:
 
 
 def seeded(builder: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    """Build with the framework's own random init under ``seed``."""
-    torch.manual_seed(seed)
-    return builder()
+    """Build with the framework's own random init under ``seed``, leaving the caller's generators as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return builder()
 
 
 def looks_like_path(value: str) -> bool:

@@ -10,9 +10,11 @@ that follows each layer are then read off that dataflow graph.
 
 from __future__ import annotations
 
+import contextlib
+import random
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from hpa.errors import LoadError, UnsupportedModelError
 from hpa.fold import fold_batchnorm
 from hpa.dataflow import predecessors
-from hpa.graph import INPUT, ConvGraph, Layer, Skipped
+from hpa.graph import ACTIVATIONS, INFERENCE_IDENTITIES, INPUT, ConvGraph, Layer, Skipped, unique_name
 
 _LAYER_SIGNATURES = {
     "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -34,29 +36,29 @@ _LAYER_SIGNATURES = {
 }
 _BATCH_NORM_SIGNATURE = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
-# torch function name (in-place "_" and dunder stripped) -> activation name
-ACTIVATIONS = {
-    "relu": "relu", "leaky_relu": "leaky_relu", "prelu": "prelu", "relu6": "relu6",
-    "silu": "silu", "gelu": "gelu", "hardswish": "hardswish", "sigmoid": "sigmoid",
-    "tanh": "tanh", "elu": "elu", "selu": "selu", "celu": "celu", "mish": "mish",
-    "softplus": "softplus", "hardsigmoid": "hardsigmoid", "hardtanh": "hardtanh",
-    "rrelu": "rrelu", "glu": "glu", "softsign": "softsign", "logsigmoid": "logsigmoid",
-}
-# Ops that pass a tensor on unchanged at inference time.
-TRANSPARENT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-               "identity", "contiguous", "clone", "detach", "to", "float", "type_as"}
-
-# Module classes traced as a whole: class -> converter(module, name, input, output) -> Layer.
-_MODULE_CONVERTERS: dict[type, Callable[..., Layer]] = {}
+# Torch spellings (function names with in-place "_" and dunders stripped, and TorchScript's aten
+# names) that differ from hpa.graph's canonical op names; every other op keeps its torch name.
+_SPELLINGS = {"feature_dropout": "dropout2d", "clip": "clamp", "_threshold": "threshold"}
 
 
 def register_module_converter(cls: type, converter: Callable[..., Layer]) -> None:
     """Treat modules of ``cls`` as one layer, built by ``converter(module, name, x, y)``.
 
-    Used for layers whose maths is not a single conv call, such as the
-    channel-wise-ReLU conv of seed 000 eq. (4).
+    For hpa's own modules (``hpa.nn``); it records the converter in the core's
+    collision-checked registry (:func:`hpa.plugins.module_converters`), which
+    plugins fill through the ``register_module_converters`` hook.
     """
-    _MODULE_CONVERTERS[cls] = converter
+    from hpa.plugins import register_module_converter as register
+    from hpa.registry import ModuleConverter
+
+    register(ModuleConverter(cls, converter), owner=cls.__module__)
+
+
+def _module_converters() -> dict[type, Callable[..., Layer]]:
+    """Module classes traced as a whole: class -> converter(module, name, input, output) -> Layer."""
+    from hpa.plugins import module_converters
+
+    return module_converters()
 
 
 @dataclass(eq=False)
@@ -68,14 +70,16 @@ class Node:
     inputs: list[Node] = field(default_factory=list)
     layer: Layer | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # arg -> state_dict key, for tensors of the state
 
 
 class _Tracer(TorchFunctionMode):
     def __init__(self, module_names: dict[int, str], param_names: dict[int, str],
-                 real_of: dict[int, torch.Tensor]) -> None:
+                 real_of: dict[int, torch.Tensor], state_keys: dict[int, str]) -> None:
         super().__init__()
         self.module_names = module_names
         self.param_names = param_names
+        self.state_keys = state_keys  # id(tensor as the forward pass sees it) -> its state_dict key
         self.real_of = real_of  # id(meta stand-in) -> the real tensor, in a meta-device trace
         self.nodes: list[Node] = []
         # id(tensor) -> (weak reference, node).  Tensors are not kept alive (that would hold
@@ -111,20 +115,23 @@ class _Tracer(TorchFunctionMode):
         return found
 
     def unique_name(self, name: str) -> str:
-        count = self.used_names.get(name, 0) + 1
-        self.used_names[name] = count
-        return name if count == 1 else f"{name}#{count}"
+        return unique_name(name, self.used_names)
+
+    def keys_of(self, values: dict[str, Any]) -> dict[str, str]:
+        """arg -> state_dict key, for the tensor args that are tensors of the module's state."""
+        return {arg: self.state_keys[id(v)] for arg, v in values.items()
+                if isinstance(v, torch.Tensor) and id(v) in self.state_keys}
 
     # -- module hooks ------------------------------------------------------------
     def pre_hook(self, module: torch.nn.Module, args: Any) -> None:
         self.stack.append(module)
-        if type(module) in _MODULE_CONVERTERS:
+        if type(module) in _module_converters():
             self.opaque_depth += 1
 
     def post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
-        converter = _MODULE_CONVERTERS.get(type(module))
+        converter = _module_converters().get(type(module))
         if converter is None:
             return
         self.opaque_depth -= 1
@@ -150,7 +157,8 @@ class _Tracer(TorchFunctionMode):
             node = self.layer_node(op, args, kwargs, inputs, out)
         else:
             values = _op_args(op, args, kwargs)
-            node = self.new_node(op, inputs, args={k: self.real(v) for k, v in values.items()})
+            node = self.new_node(op, inputs, args={k: self.real(v) for k, v in values.items()},
+                                 names=self.keys_of(values))
         self.tag(out, node)
         return out
 
@@ -167,15 +175,29 @@ class _Tracer(TorchFunctionMode):
         bound = _bind(_LAYER_SIGNATURES[kind], args, kwargs)
         x, weight = bound["input"], bound["weight"]
         name = self.param_names.get(id(weight))
+        params = _layer_params(self.keys_of(bound), bound.get("bias") is not None)
         bound = {k: (self.real(v) if k != "input" else v) for k, v in bound.items()}
         self.seen_weights.add(id(bound["weight"]))
         if name is None:
             owner = self.stack[-1] if self.stack else None
-            name = self.module_names.get(id(owner), kind) if owner is not None else kind
+            # The root module's name is "": a call in its own forward is named by its kind.
+            name = (self.module_names.get(id(owner)) if owner is not None else None) or kind
         name = self.unique_name(name)
-        layer = make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]))
+        layer = make_layer(kind, name, bound, tuple(x.shape[1:]), tuple(out.shape[1:]), params)
         data_input = self.node_for(x)
         return self.new_node("layer", [data_input] if data_input else [], layer=layer)
+
+
+def _layer_params(keys: dict[str, str], has_bias: bool) -> dict[str, object]:
+    """``Layer.params`` of a conv call: empty unless its weight and bias are tensors of the state.
+
+    A weight (or bias) computed in the forward pass cannot be re-read from a
+    snapshot, so such a layer records nothing and :func:`hpa.rebind.rebind`
+    asks for a new trace.
+    """
+    if "weight" not in keys or (has_bias and "bias" not in keys):
+        return {}
+    return {role: keys[role] for role in ("weight", "bias") if role in keys}
 
 
 class _NeedsValues(Exception):
@@ -189,6 +211,7 @@ def trace_module(
     fold_bn: bool = True,
     source: dict[str, Any] | None = None,
     seed: int = 0,
+    copy_weights: bool = True,
 ) -> ConvGraph:
     """Trace ``model`` on one dummy input of ``input_size`` (no batch dim).
 
@@ -196,20 +219,24 @@ def trace_module(
     parameter that map back to the real tensors: it computes nothing and reads
     no weight, so a memory-mapped checkpoint stays unread until a statistic
     needs it.  Models that compute weights on the fly, or branch on values,
-    are traced again for real on a seeded random input.
+    are traced again for real on a seeded random input, made on the model's
+    own device and in its dtype.
+
+    ``model`` comes back as it was: every submodule's training flag, every
+    random number generator (torch CPU and CUDA, numpy, ``random``), the
+    parameters, their gradients and ``requires_grad``.  With ``copy_weights``
+    the graph's arrays are the graph's own, so training ``model`` later never
+    changes the graph; a loader that built ``model`` itself and drops it
+    afterwards may pass ``False`` to keep views of its tensors, so that a
+    memory-mapped checkpoint is not held twice.  Each layer's ``params`` names
+    the state_dict keys its numbers were read from.
     """
     import hpa.nn  # noqa: F401  (registers the ChannelReLUConv2d converter before tracing)
-    model = model.eval()
-    if not any(type(m) in _MODULE_CONVERTERS for m in model.modules()):
-        try:
-            tracer = _run(model, input_size, seed, meta=True)
-        except _NeedsValues:
-            tracer = None
-    else:
-        tracer = None
-    if tracer is None:
-        tracer = _run(model, input_size, seed, meta=False)
+    with _untouched(model):
+        tracer = _trace(model, input_size, seed)
     layers = finish_layers(tracer.nodes, fold_bn)
+    if copy_weights:
+        _own_arrays(layers)
     skipped = _unused_layers(model, tracer.seen_weights)
     if not layers:
         raise UnsupportedModelError(
@@ -218,19 +245,60 @@ def trace_module(
     return ConvGraph(layers, source=dict(source or {}), skipped=skipped, input_shape=tuple(input_size))
 
 
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode, then restore every flag and random generator.
+
+    The global generators are forked, not reseeded: a training loop that scans
+    as it goes must draw the same numbers as one that does not.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training  # per module: train() would overwrite a mixed tree
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _trace(model: torch.nn.Module, input_size, seed: int) -> _Tracer:
+    """The meta-device trace when it suffices, else a real one."""
+    if not any(type(m) in _module_converters() for m in model.modules()):
+        try:
+            return _run(model, input_size, seed, meta=True)
+        except _NeedsValues:
+            pass
+    return _run(model, input_size, seed, meta=False)
+
+
+def _dummy_placement(tensors) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's first floating tensor (CPU float32 if none)."""
+    first = next((t for t in tensors if t.is_floating_point()), None)
+    return (torch.device("cpu"), torch.float32) if first is None else (first.device, first.dtype)
+
+
 def _run(model: torch.nn.Module, input_size, seed: int, meta: bool) -> _Tracer:
     module_names = {id(m): n for n, m in model.named_modules()}
     named = dict(model.named_parameters()) | dict(model.named_buffers())
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device, dtype = _dummy_placement(named.values())
     if meta:
         stand_ins = {name: torch.empty_like(t, device="meta") for name, t in named.items()}
         real_of = {id(stand_ins[name]): t for name, t in named.items()}
         x = torch.empty((1, *input_size), device="meta", dtype=dtype)
     else:
         stand_ins, real_of = named, {}
-        x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(seed)).to(dtype)
+        # Drawn on the CPU from a private generator, so the input is the same on every device.
+        x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(seed))
+        x = x.to(device=device, dtype=dtype)
     param_names = {id(t): n.rsplit(".", 1)[0] if n.endswith(".weight") else n for n, t in stand_ins.items()}
-    tracer = _Tracer(module_names, param_names, real_of)
+    in_state = set(model.state_dict(keep_vars=True))  # leaves out non-persistent buffers
+    state_keys = {id(t): n for n, t in stand_ins.items() if n in in_state}
+    tracer = _Tracer(module_names, param_names, real_of, state_keys)
     tracer.tag(x, tracer.new_node("input", []))
     handles = [
         torch.nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook),
@@ -260,13 +328,16 @@ def _run(model: torch.nn.Module, input_size, seed: int, meta: bool) -> _Tracer:
 
 # -- building layers ---------------------------------------------------------------
 
-def make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape) -> Layer:
+def make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape,
+               params: dict[str, object] | None = None) -> Layer:
+    """The layer of one conv/linear call; ``params`` names its tensors in the state (see ``Layer.params``)."""
     weight = to_numpy(bound["weight"])
     bias = bound.get("bias")
+    params = dict(params or {})
     if kind == "linear":
         return Layer(name=name, index=0, kind=kind, weight=weight,
                      bias=None if bias is None else to_numpy(bias), stride=(), padding=(),
-                     dilation=(), groups=1, input_shape=in_shape, output_shape=out_shape)
+                     dilation=(), groups=1, input_shape=in_shape, output_shape=out_shape, params=params)
     dims = weight.ndim - 2
     transposed = kind.startswith("conv_transpose")
     padding = bound.get("padding", 0)
@@ -281,7 +352,7 @@ def make_layer(kind: str, name: str, bound: dict[str, Any], in_shape, out_shape)
         stride=_tuple(bound.get("stride", 1), dims), padding=padding, dilation=dilation,
         groups=int(bound.get("groups", 1)),
         output_padding=_tuple(bound.get("output_padding", 0), dims) if transposed else None,
-        input_shape=in_shape, output_shape=out_shape,
+        input_shape=in_shape, output_shape=out_shape, params=params,
     )
 
 
@@ -291,6 +362,23 @@ def _string_padding(mode: str, kernel, dilation) -> tuple[tuple[int, int], ...]:
     # PyTorch's "same" puts the odd extra pixel at the end.
     totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
     return tuple((t // 2, t - t // 2) for t in totals)
+
+
+def _own_arrays(layers: list[Layer]) -> None:
+    """Copy every array of ``layers`` that still lives in a tensor's memory (each at most once)."""
+    for layer in layers:
+        for field_name in ("weight", "bias", "channel_bias"):
+            array = getattr(layer, field_name)
+            if array is not None and not _owned_by_numpy(array):
+                setattr(layer, field_name, array.copy())
+
+
+def _owned_by_numpy(array: np.ndarray) -> bool:
+    # Folding, casting and dtype conversion already made new arrays; a view of a tensor's
+    # memory ends in a base that is not a numpy array.
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.flags.owndata
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -375,30 +463,46 @@ def _fold_into(layer: Layer, bn: Node) -> None:
         layer.weight, layer.bias, a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"),
         eps=float(a.get("eps", 1e-5)), out_axis=out_axis, groups=layer.groups or 1)
     layer.bn_folded = True
+    layer.params = _folded_params(layer.params, bn)
+
+
+#: BatchNorm argument -> its role in ``Layer.params``.
+_BN_ROLES = {"weight": "bn.weight", "bias": "bn.bias", "running_mean": "bn.running_mean",
+             "running_var": "bn.running_var"}
+
+
+def _folded_params(params: dict[str, object], bn: Node) -> dict[str, object]:
+    """``params`` plus the folded BatchNorm's keys; empty when one of its tensors is not in the state."""
+    tensors = [arg for arg in _BN_ROLES if isinstance(bn.args.get(arg), torch.Tensor)]
+    if not params or any(arg not in bn.names for arg in tensors):
+        return {}
+    folded = dict(params, **{_BN_ROLES[arg]: bn.names[arg] for arg in tensors})
+    folded["bn.eps"] = float(bn.args.get("eps", 1e-5))
+    return folded
 
 
 def _activation_after(node: Node, consumers, fold_bn: bool) -> tuple[str, dict[str, float]]:
-    passable = TRANSPARENT | ({"batch_norm"} if not fold_bn else set())
+    passable = INFERENCE_IDENTITIES | ({"batch_norm"} if not fold_bn else set())
     while True:
         nxt = consumers[node.id]
         if len(nxt) != 1:
             return "none", {}
         node = nxt[0]
-        if node.op in ACTIVATIONS:
-            return _activation_name(node)
-        if node.op in ("clamp", "clip"):
+        name = _SPELLINGS.get(node.op, node.op)
+        if name == "clamp":  # an activation only where it is a ReLU or ReLU6
             lo, hi = node.args.get("min"), node.args.get("max")
             if lo == 0 and hi is None:
                 return "relu", {}
             if lo == 0 and hi == 6:
                 return "relu6", {}
             return "none", {}
-        if node.op not in passable:
+        if name in ACTIVATIONS:
+            return _activation_name(name, node)
+        if name not in passable:
             return "none", {}
 
 
-def _activation_name(node: Node) -> tuple[str, dict[str, float]]:
-    name = ACTIVATIONS[node.op]
+def _activation_name(name: str, node: Node) -> tuple[str, dict[str, float]]:
     args = node.args
     if name == "hardtanh":
         if args.get("min_val", -1.0) == 0 and args.get("max_val", 1.0) == 6:
@@ -417,7 +521,7 @@ def _predecessors(node: Node, alias) -> tuple[tuple[str, ...], dict[str, tuple[s
         return INPUT if target.op == "input" else None
 
     def op(current: Node) -> str | None:
-        return None if current.op in TRANSPARENT else current.op
+        return None if _SPELLINGS.get(current.op, current.op) in INFERENCE_IDENTITIES else current.op
 
     return predecessors(node.inputs, endpoint, lambda n: n.inputs, op, key=lambda n: n.id)
 

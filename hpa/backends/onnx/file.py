@@ -4,8 +4,10 @@
 into the parsed protobuf, so a 550 MB model briefly costs twice its size.
 Here the file is memory-mapped instead, and its protobuf wire format is
 scanned just deep enough (ModelProto.graph -> GraphProto.initializer ->
-TensorProto.raw_data, and the tensors of Constant nodes) to find where each
-large tensor's bytes lie.  Only the
+TensorProto.raw_data, and the tensors of Constant nodes, in the main graph and
+in every If/Loop/Scan subgraph) to find where each large tensor's bytes lie.
+A subgraph's tensor is rewritten as external data that points into the .onnx
+file itself, since its name is only unique within its own scope.  Only the
 rest (the node list, attributes, small tensors) is parsed by protobuf, and
 every large tensor becomes a numpy view of the mapped file.  Tensors stored as
 external data beside the model are mapped the same way.
@@ -34,6 +36,7 @@ INLINE_LIMIT = 4096
 # Field numbers: ModelProto.graph, GraphProto.node and .initializer, NodeProto.attribute,
 # AttributeProto.t, TensorProto.raw_data.
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER, _NODE_ATTRIBUTE, _ATTRIBUTE_TENSOR, _TENSOR_RAW_DATA = 7, 1, 5, 5, 5, 9
+_ATTRIBUTE_GRAPH = 6  # AttributeProto.g: an If branch, a Loop or Scan body
 
 _NUMPY_DTYPES = {
     1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -57,14 +60,17 @@ class OnnxFile:
     _maps: dict[str, mmap.mmap] = field(default_factory=dict)  # file path -> mapping
     external_files: set[str] = field(default_factory=set)
 
-    def tensor(self, proto: Any) -> np.ndarray:
-        """The numpy value of a TensorProto of this model (a view of the file where possible)."""
+    def tensor(self, proto: Any, label: str | None = None) -> np.ndarray:
+        """The numpy value of a TensorProto of this model (a view of the file where possible).
+
+        ``label`` names the tensor in messages (a branch's tensor by its scoped name).
+        """
         name = proto.name
         if name in self._mapped and not _has_inline_data(proto):
             offset, length = self._mapped[name]
             return self._view(str(self.path), proto, offset, length)
         if proto.data_location == 1:  # TensorProto.EXTERNAL
-            return self._external(proto)
+            return self._external(proto, label or proto.name)
         return _small_tensor(proto)
 
     # -- memory-mapped data ---------------------------------------------------------
@@ -99,18 +105,22 @@ class OnnxFile:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         return array
 
-    def _external(self, proto: Any) -> np.ndarray:
+    def _external(self, proto: Any, label: str) -> np.ndarray:
         info = {entry.key: entry.value for entry in proto.external_data}
         location = info.get("location")
         if not location:
-            raise LoadError(f"tensor {proto.name!r} in {self.path} is marked as external data "
+            raise LoadError(f"tensor {label!r} in {self.path} is marked as external data "
                             "but names no file")
         target = (self.path.parent / location).resolve()
         if not target.is_file():
-            raise LoadError(f"external data file {location!r} for tensor {proto.name!r} is missing "
+            raise LoadError(f"external data file {location!r} for tensor {label!r} is missing "
                             f"(expected at {target}); keep the data files beside {self.path.name}")
-        self.external_files.add(str(target))
-        buffer = self._map(str(target))
+        mapped_path = str(target)
+        if target == self.path.resolve():  # a subgraph's tensor, pointing into the model file itself
+            mapped_path = str(self.path)
+        else:
+            self.external_files.add(mapped_path)
+        buffer = self._map(mapped_path)
         offset = int(info.get("offset", 0) or 0)
         dtype = _NUMPY_DTYPES.get(proto.data_type, np.uint16 if proto.data_type == _BFLOAT16 else None)
         dims = tuple(int(d) for d in proto.dims)
@@ -118,9 +128,9 @@ class OnnxFile:
         default_length = count * np.dtype(dtype).itemsize if dtype is not None else len(buffer) - offset
         length = int(info.get("length", default_length) or default_length)
         if offset + length > len(buffer):
-            raise LoadError(f"external data file {target} is too short for tensor {proto.name!r} "
+            raise LoadError(f"external data file {target} is too short for tensor {label!r} "
                             f"(needs bytes {offset}..{offset + length}, has {len(buffer)}); it is truncated")
-        return self._view(str(target), proto, offset, length)
+        return self._view(mapped_path, proto, offset, length)
 
 
 def read_onnx(path: str | os.PathLike) -> OnnxFile:
@@ -134,7 +144,7 @@ def read_onnx(path: str | os.PathLike) -> OnnxFile:
         buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     what = f"{path} is not a valid ONNX model"
     try:
-        model_bytes, mapped = _strip_large_tensors(buffer, size)
+        model_bytes, mapped = _strip_large_tensors(buffer, size, path.name)
         model = onnx.ModelProto.FromString(model_bytes)
     except _Malformed as exc:
         raise LoadError(f"{what}: {exc}; the file is damaged, truncated or not ONNX") from None
@@ -156,8 +166,11 @@ def _check_model(model: Any, path: Path) -> None:
 
 # -- protobuf wire format -------------------------------------------------------------
 
-def _strip_large_tensors(buf: mmap.mmap, size: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Serialized ModelProto without large initializer raw_data, and where that data lies."""
+def _strip_large_tensors(buf: mmap.mmap, size: int, location: str) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Serialized ModelProto without large tensor raw_data, and where that data lies.
+
+    ``location`` is the file's own name, for subgraph tensors (see :func:`_strip_tensor`).
+    """
     rest = bytearray()
     graph_range = None
     for number, wire, start, value_start, end in _fields(buf, 0, size):
@@ -169,12 +182,18 @@ def _strip_large_tensors(buf: mmap.mmap, size: int) -> tuple[bytes, dict[str, tu
             rest += buf[start:end]
     if graph_range is None:
         return bytes(rest), {}
-    graph, mapped = _strip_graph(buf, *graph_range)
+    graph, mapped = _strip_graph(buf, *graph_range, location=location, nested=False)
     rest += _key(_MODEL_GRAPH) + _varint_bytes(len(graph)) + graph
     return bytes(rest), mapped
 
 
-def _strip_graph(buf: mmap.mmap, begin: int, stop: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def _strip_graph(buf: mmap.mmap, begin: int, stop: int, location: str,
+                 nested: bool) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A GraphProto without large tensor data, and where that data lies.
+
+    ``location`` is the model file's name, which the tensors of a subgraph
+    (``nested``) point to as external data.
+    """
     out = bytearray()
     mapped: dict[str, tuple[int, int]] = {}
     for number, wire, start, value_start, end in _fields(buf, begin, stop):
@@ -182,15 +201,16 @@ def _strip_graph(buf: mmap.mmap, begin: int, stop: int) -> tuple[bytes, dict[str
             out += buf[start:end]
             continue
         if number == _GRAPH_INITIALIZER:
-            stripped = _strip_tensor(buf, value_start, end, mapped, rename=False)
+            stripped = _strip_tensor(buf, value_start, end, mapped, rename=False,
+                                     external=location if nested else None)
         else:
-            stripped = _strip_node(buf, value_start, end, mapped)
+            stripped = _strip_node(buf, value_start, end, mapped, location, nested)
         out += buf[start:end] if stripped is None else _key(number) + _varint_bytes(len(stripped)) + stripped
     return bytes(out), mapped
 
 
-def _strip_node(buf: mmap.mmap, begin: int, stop: int, mapped: dict) -> bytes | None:
-    """A NodeProto whose large attribute tensors (Constant values) are left in the file."""
+def _strip_node(buf: mmap.mmap, begin: int, stop: int, mapped: dict, location: str, nested: bool) -> bytes | None:
+    """A NodeProto whose large attribute tensors (Constant values, subgraph weights) are left in the file."""
     out = bytearray()
     changed = False
     for number, wire, start, value_start, end in _fields(buf, begin, stop):
@@ -198,18 +218,26 @@ def _strip_node(buf: mmap.mmap, begin: int, stop: int, mapped: dict) -> bytes | 
         if number == _NODE_ATTRIBUTE and wire == 2 and end - value_start > INLINE_LIMIT:
             attribute = bytearray()
             for n2, w2, s2, v2, e2 in _fields(buf, value_start, end):
-                tensor = None
+                part = None
                 if n2 == _ATTRIBUTE_TENSOR and w2 == 2 and e2 - v2 > INLINE_LIMIT:
-                    tensor = _strip_tensor(buf, v2, e2, mapped, rename=True)
-                attribute += buf[s2:e2] if tensor is None else _key(n2) + _varint_bytes(len(tensor)) + tensor
-                changed |= tensor is not None
+                    part = _strip_tensor(buf, v2, e2, mapped, rename=True, external=location if nested else None)
+                elif n2 == _ATTRIBUTE_GRAPH and w2 == 2 and e2 - v2 > INLINE_LIMIT:
+                    part, inner = _strip_graph(buf, v2, e2, location, nested=True)
+                    mapped.update(inner)
+                attribute += buf[s2:e2] if part is None else _key(n2) + _varint_bytes(len(part)) + part
+                changed |= part is not None
             stripped = bytes(attribute)
         out += buf[start:end] if stripped is None else _key(number) + _varint_bytes(len(stripped)) + stripped
     return bytes(out) if changed else None
 
 
-def _strip_tensor(buf: mmap.mmap, begin: int, stop: int, mapped: dict, rename: bool) -> bytes | None:
-    """A TensorProto without its raw_data, recorded in ``mapped``; None if it has no raw_data."""
+def _strip_tensor(buf: mmap.mmap, begin: int, stop: int, mapped: dict, rename: bool,
+                  external: str | None) -> bytes | None:
+    """A TensorProto without its raw_data, recorded in ``mapped``; None if it has no raw_data.
+
+    With ``external`` (a subgraph's tensor) it becomes external data at its own offset in
+    that file, the model itself, so nothing needs a name that is unique across scopes.
+    """
     from onnx import TensorProto
 
     tensor = bytearray()
@@ -222,6 +250,12 @@ def _strip_tensor(buf: mmap.mmap, begin: int, stop: int, mapped: dict, rename: b
     if raw is None:  # float_data etc.: protobuf parses it
         return None
     proto = TensorProto.FromString(bytes(tensor))
+    if external is not None:
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", str(raw[0])), ("length", str(raw[1]))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto.SerializeToString()
     if rename:  # a Constant's tensor: its name is free, so give it a unique key
         proto.name = f"__hpa_mapped_{raw[0]}"
     mapped[proto.name] = raw

@@ -1,0 +1,72 @@
+"""``hpa train --plugin imagefolder --data PATH``: any ImageNet-style tree, read by torchvision.
+
+``PATH/train/<class>/*.png|jpg`` and ``PATH/val/<class>/...`` (the test
+split); class names are the sub-folder names, sorted, and must be the same in
+both.  Every image is converted to RGB and must have the size of the first
+training image (resize them beforehand: hpa does not guess a crop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hpa.errors import LoadError
+from hpa.experiments.types import Dataset, Recipe, Task
+from hpa.hookspecs import hookimpl
+
+
+@hookimpl
+def register_experiments(register):
+    register(Task(name="imagefolder", dataset=load_imagefolder, architecture="cifar:vgg19", input_size=None,
+                  recipe=Recipe(),
+                  description="an ImageNet-style train/ + val/ folder tree of images (--data PATH)"))
+
+
+def load_imagefolder(data_dir, download: bool) -> Dataset:
+    import numpy as np
+
+    if data_dir is None:
+        raise LoadError("the imagefolder task needs --data PATH, a folder with train/ and val/ sub-folders")
+    root = Path(data_dir).expanduser()
+    missing = [name for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise LoadError(f"{root} has no {'/ or '.join(missing)}/ folder; an imagefolder tree "
+                        "holds train/<class>/... and val/<class>/...")
+    train, test = _read(root / "train"), _read(root / "val")
+    if train["classes"] != test["classes"]:
+        raise LoadError(f"{root}/train and {root}/val have different class folders; they must match")
+    if train["images"].shape[1:] != test["images"].shape[1:]:
+        raise LoadError(f"images in {root}/val are not the size of those in {root}/train")
+    source = {"dataset": "torchvision.datasets.ImageFolder", "folder": str(root), "classes": train["classes"],
+              "sha256": {"train": train["sha256"], "val": test["sha256"]}}
+    return Dataset(train["images"], train["labels"], test["images"], test["labels"],
+                   num_classes=len(train["classes"]), source=source)
+
+
+def _read(folder: Path) -> dict:
+    """Images (N, 3, H, W) uint8, labels, classes and one sha256 over every file, in ImageFolder's order."""
+    import numpy as np
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise LoadError(f"{folder} is not an image folder tree ({exc}); put images in {folder}/<class>/") from None
+    digest = hashlib.sha256()
+    images, size = [], None
+    for path, _ in dataset.samples:
+        digest.update(Path(path).relative_to(folder).as_posix().encode() + b"\0" + Path(path).read_bytes())
+        try:
+            image = dataset.loader(path)  # PIL, converted to RGB by torchvision
+        except Exception as exc:
+            raise LoadError(f"cannot read the image {path} ({type(exc).__name__}); remove or replace it") from None
+        size = size or image.size
+        if image.size != size:
+            raise LoadError(f"{path} is {image.size[0]}x{image.size[1]} but the first image is "
+                            f"{size[0]}x{size[1]}; resize the images to one size")
+        images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    if not images:
+        raise LoadError(f"{folder} holds no images")
+    return {"images": np.stack(images), "labels": np.asarray(dataset.targets, dtype=np.int64),
+            "classes": list(dataset.classes), "sha256": digest.hexdigest()}

@@ -1,0 +1,71 @@
+"""``hpa train --plugin mnist`` / ``fashion_mnist``: the idx files, read by torchvision.
+
+``--data DIR`` holds ``MNIST/raw/`` (or ``FashionMNIST/raw/``) with the four
+uncompressed idx files, as torchvision lays them out; ``--download`` fetches
+and extracts them.  torchvision checks only that the files exist and their
+idx magic numbers; hpa adds the shape checks and records each file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hpa.errors import LoadError
+from hpa.experiments.types import Dataset, Recipe, Task
+from hpa.hookspecs import hookimpl
+
+# 28x28 digits: ±4-pixel shifts as on CIFAR; no flips (a mirrored digit is another symbol).
+_RECIPE = Recipe(flip=False)
+
+
+@hookimpl
+def register_experiments(register):
+    register(Task(name="mnist", dataset=lambda data, download: load_mnist("MNIST", data, download),
+                  architecture="cifar:lenet6", input_size=(1, 28, 28), num_classes=10, recipe=_RECIPE,
+                  description="MNIST handwritten digits (torchvision idx files; 60k train, 10k test)"))
+    register(Task(name="fashion_mnist", dataset=lambda data, download: load_mnist("FashionMNIST", data, download),
+                  architecture="cifar:lenet6", input_size=(1, 28, 28), num_classes=10, recipe=Recipe(),
+                  description="Fashion-MNIST (torchvision idx files; 60k train, 10k test)"))
+
+
+def load_mnist(class_name: str, data_dir, download: bool) -> Dataset:
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    from hpa_plugins.cifar_task import data_root
+
+    dataset_class = getattr(tvd, class_name)
+    root = data_root(data_dir)
+    folder = root / class_name / "raw"
+    names = [Path(url).stem for url, _ in dataset_class.resources]
+    if download:
+        _download(dataset_class, root)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise LoadError(f"{class_name} files missing from {folder}: {', '.join(missing)}; put the uncompressed "
+                        f"idx files there (inside --data DIR), or pass --download")
+    try:
+        train, test = dataset_class(str(root), train=True), dataset_class(str(root), train=False)
+    except Exception as exc:  # torchvision's idx reader: wrong magic, truncated file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoadError(f"cannot read the {class_name} idx files in {folder} ({type(exc).__name__}: {reason}); "
+                        "they are truncated or of another format; extract them again or pass --download") from None
+    for split, what in ((train, "train"), (test, "test")):
+        if split.data.ndim != 3 or len(split.data) != len(split.targets):
+            raise LoadError(f"the {class_name} {what} idx files in {folder} do not pair images with labels")
+    source = {"dataset": f"torchvision.datasets.{class_name}", "folder": str(folder),
+              "files": {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}}
+    return Dataset(
+        train_images=train.data.numpy()[:, None].copy(), train_labels=train.targets.numpy().astype(np.int64),
+        test_images=test.data.numpy()[:, None].copy(), test_labels=test.targets.numpy().astype(np.int64),
+        num_classes=len(dataset_class.classes), source=source)
+
+
+def _download(dataset_class, root: Path) -> None:
+    try:
+        dataset_class(str(root), train=True, download=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoadError(f"cannot download {dataset_class.__name__} into {root} ({reason}); without network, "
+                        f"put the uncompressed idx files in {root / dataset_class.__name__ / 'raw'}") from None

@@ -1,0 +1,245 @@
+"""``hpa reinit``: re-initialisation cells against an independent computation, outputs and bad input.
+
+One tiny real run of ``hpa train --plugin digits`` (2 epochs, every snapshot) is made once per
+module; every test reads it and writes only under its own tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import hpa
+from hpa.experiments.reinit import ReinitError, reinit
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from hpa.experiments.train import train
+
+    folder = tmp_path_factory.mktemp("reinit") / "run"
+    train("digits", out=folder, epochs=EPOCHS, seed=0, device="cpu", statistics=["projection"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    return reinit(run)
+
+
+# -- an independent computation --------------------------------------------------------------------
+
+def _digits_test_split():
+    """The digits task's test split, straight from scikit-learn (the task's documented split)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]
+    _, x_test, _, y_test = train_test_split(images, digits.target, test_size=0.25, random_state=0,
+                                            stratify=digits.target)
+    return torch.from_numpy(x_test), torch.from_numpy(y_test.astype(np.int64))
+
+
+def _fresh_small_max():
+    """A new module of the run's architecture, built without hpa's reinit code."""
+    from hpa.plugins import registries
+    from hpa.registry import LoadOptions
+
+    cifar = registries()["loaders"].get("cifar")
+    return cifar.build("small_max", LoadOptions(weights="none", input_size=(1, 8, 8),
+                                                extra={"num_classes": 10, "in_channels": 1}))
+
+
+def _accuracy_by_hand(run, layer_prefix: str, epoch: int):
+    record = json.loads((run / "run.json").read_text())
+    mean, std = record["normalisation"]["mean"][0], record["normalisation"]["std"][0]
+    model = _fresh_small_max()
+    model.load_state_dict(load_file(str(run / f"snapshots/epoch-{EPOCHS:03d}.safetensors")))
+    earlier = load_file(str(run / f"snapshots/epoch-{epoch:03d}.safetensors"))
+    with torch.no_grad():
+        for suffix in ("weight", "bias"):
+            dict(model.named_parameters())[f"{layer_prefix}.{suffix}"].copy_(earlier[f"{layer_prefix}.{suffix}"])
+        images, labels = _digits_test_split()
+        logits = model.eval()((images - mean) / std)
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    return accuracy, F.cross_entropy(logits.double(), labels).item()
+
+
+@pytest.mark.parametrize(("layer", "epoch"), [("features.0", 0), ("features.6", 1)])
+def test_cell_equals_independent_computation(run, result, layer, epoch):
+    expected_accuracy, expected_loss = _accuracy_by_hand(run, layer, epoch)
+    cell = result.to_pandas().set_index(["layer", "epoch"]).loc[(layer, epoch)]
+    assert cell["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+    assert cell["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    trained = result.trained["seed-0"]["accuracy"]
+    assert cell["absolute_drop"] == pytest.approx(trained - expected_accuracy, abs=1e-12)
+    assert cell["relative_drop"] == pytest.approx((trained - expected_accuracy) / trained, abs=1e-12)
+
+
+def test_trained_accuracy_is_the_runs_final_test_accuracy(run, result):
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert result.trained["seed-0"]["accuracy"] == metrics[-1]["test_accuracy"]
+
+
+def test_reset_to_final_epoch_drops_nothing(result):
+    final = result.to_pandas().query(f"epoch == {EPOCHS}")
+    assert len(final) == 4  # every conv of small_max
+    assert (final["absolute_drop"] == 0).all() and (final["relative_drop"] == 0).all()
+    assert (final["accuracy"] == result.trained["seed-0"]["accuracy"]).all()
+
+
+def test_reset_to_init_hurts_some_layer(result):
+    # After two epochs the network is far above chance; some layer's init must cost accuracy.
+    assert result.trained["seed-0"]["accuracy"] > 0.3
+    assert result.to_pandas().query("epoch == 0")["absolute_drop"].max() > 0.05
+
+
+def test_model_is_restored_after_the_sweep(run):
+    # A second sweep over the same checkpoints gives the same numbers only if every cell restored its layer.
+    first = reinit(run, epochs=[0]).to_pandas()
+    second = reinit(run, epochs=[0, EPOCHS]).to_pandas().query("epoch == 0").reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_final_n_l_and_spearman(run, result):
+    series = pd.read_csv(run / "series.csv").query(f"epoch == {EPOCHS}").set_index("layer")
+    data = result.to_dict()
+    for layer, value in data["final_n_l"].items():
+        recorded = series.loc[layer, "projection.n_l"]
+        assert (value is None and np.isnan(recorded)) or value == pytest.approx(recorded, abs=1e-12)
+    from scipy.stats import spearmanr
+
+    layers = [name for name, value in data["final_n_l"].items() if value is not None]
+    rho = spearmanr([data["final_n_l"][n] for n in layers], [data["criticality"][n] for n in layers])[0]
+    if data["spearman"]["n_l"]["rho"] is not None:
+        assert data["spearman"]["n_l"]["rho"] == pytest.approx(rho)
+    assert set(data["n_l_missing"]) == {name for name, value in data["final_n_l"].items() if value is None}
+
+
+def test_rerandomize_is_seeded_and_averaged(run):
+    once = reinit(run, rerandomize=True, draws=2, layers=["features.3"])
+    again = reinit(run, rerandomize=True, draws=2, layers=["features.3"])
+    other = reinit(run, rerandomize=True, draws=2, layers=["features.3"], seed=5)
+    assert once.rows == again.rows
+    row = once.rows[0]
+    assert row["epoch"] is None and row["accuracy_std"] >= 0
+    assert row["accuracy"] != other.rows[0]["accuracy"] or row["loss"] != other.rows[0]["loss"]
+    assert row["accuracy"] < once.trained["seed-0"]["accuracy"]
+
+
+def test_spec_with_weights_against_fresh_init(run):
+    final = run / f"snapshots/epoch-{EPOCHS:03d}.safetensors"
+    result = reinit("cifar:small_max", weights=str(final), plugin="digits", layers=["features.0"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert result.trained["cifar:small_max"]["accuracy"] == metrics[-1]["test_accuracy"]
+    assert result.epochs() == [0]
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+def test_cli_writes_json_csv_and_figures(run, tmp_path, capsys):
+    from hpa.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["reinit", str(run), "--epochs", f"0,{EPOCHS}", "--out", str(out)])
+    assert exit_.value.code == 0
+    err = capsys.readouterr().err
+    assert "8 cells" in err and err.count("cells,") == 2  # the count, then one line per checkpoint
+    names = {p.name for p in out.iterdir()}
+    assert {"reinit.json", "reinit.csv", "heatmap.png", "criticality.png"} <= names
+    table = pd.read_csv(out / "reinit.csv")
+    assert list(table.columns[:8]) == ["seed", "layer", "kind", "epoch", "accuracy", "loss", "absolute_drop",
+                                       "relative_drop"]
+    saved = json.loads((out / "reinit.json").read_text())
+    assert saved["epochs"] == [0, EPOCHS] and len(saved["cells"]) == len(table) == 8
+    assert "rho" in saved["spearman"]["n_l"]
+
+
+def test_several_seeds_give_a_heatmap_each_and_the_mean(tmp_path):
+    from hpa.experiments.seeds import train_seeds
+
+    folder = train_seeds([0, 1], tmp_path / "seeds", task="digits", epochs=1, device="cpu", statistics=())
+    result = reinit(folder)
+    assert result.seeds == ["seed-0", "seed-1"]
+    mean = result.heatmap()
+    np.testing.assert_allclose(mean, (result.heatmap("seed-0") + result.heatmap("seed-1")) / 2)
+    paths = result.plot(tmp_path / "figures")
+    assert {p.name for p in paths} == {"heatmap-seed-0.png", "heatmap-seed-1.png", "heatmap-mean.png",
+                                       "criticality.png"}
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def _bad(capsys, *argv):
+    from hpa.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["reinit", *map(str, argv), "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_run_without_snapshots(run, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert "no snapshots" in _bad(capsys, bare)
+    assert not (bare / "reinit").exists()
+
+
+def test_epoch_not_saved(run, capsys):
+    line = _bad(capsys, run, "--epochs", "0,7", "--out", run.parent / "never")
+    assert "epoch 7 was not saved" in line and f"0, 1, {EPOCHS}" in line
+    assert not (run.parent / "never").exists()
+
+
+def test_unknown_layer_suggests(run, capsys):
+    line = _bad(capsys, run, "--layer", "features.7", "--out", run.parent / "never")
+    assert "features.7" in line and "did you mean" in line
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert "not an hpa run folder" in _bad(capsys, tmp_path)
+
+
+def test_task_without_test_split(run, capsys, temporary_plugin):
+    from hpa.experiments.types import Dataset, Task
+    from hpa.hookspecs import hookimpl
+    from hpa_plugins.digits_task import load_digits_dataset
+
+    def no_test(data_dir, download):
+        full = load_digits_dataset(data_dir, download)
+        return Dataset(full.train_images, full.train_labels, full.test_images[:0], full.test_labels[:0],
+                       num_classes=10)
+
+    class NoTestTask:
+        @hookimpl
+        def register_experiments(self, register):
+            register(Task(name="digits_notest", dataset=no_test, architecture="cifar:small_max",
+                          input_size=(1, 8, 8)))
+
+    temporary_plugin(NoTestTask(), "digits_notest")
+    final = run / f"snapshots/epoch-{EPOCHS:03d}.safetensors"
+    line = _bad(capsys, "cifar:small_max", "--weights", final, "--plugin", "digits_notest", "--out",
+                run.parent / "never")
+    assert "no test split" in line
+
+
+def test_library_raises_hpa_errors(run):
+    with pytest.raises(ReinitError):
+        reinit(run, epochs=[99])
+    with pytest.raises(hpa.HpaError):
+        reinit(run, draws=0)

@@ -1,0 +1,264 @@
+"""A small, fixed mutation check: each mutant is a bug the tests must catch (``make mutation``).
+
+Every mutant replaces one exact code snippet in hpa's source by a buggy
+variant.  For each mutant the tree is copied to a temporary folder (the
+working tree is never touched: other people edit it), the snippet is replaced
+there, and only the tests that should catch the bug run against the copy,
+with ``PYTHONPATH`` pointing at it so that the copy's ``hpa`` is imported, not
+the editable install.  A mutant *survives* when those tests pass.
+
+A mutant whose snippet no longer occurs exactly as often as it says is
+*stale*: a refactor moved the code, and the mutant must be rewritten rather
+than silently dropped.  Survivors and stale mutants make the exit status 1.
+The unmutated copy is tested first, so a tree that is already failing is not
+mistaken for killed mutants.
+
+    python tools/mutation.py            # all mutants
+    python tools/mutation.py -k cones   # mutants whose name contains "cones"
+    python tools/mutation.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Import names of the packages, and the folders of the tree they come from (pyproject's package-dir).
+PACKAGES = {"hpa": "hpa", "hpa_plugins": "plugins", "hpa_zoo": "zoo"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """Replace ``old`` by ``new`` in the files matching ``where`` (globs); ``tests`` must then fail."""
+
+    name: str
+    where: tuple[str, ...]
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    count: int = 1  # how often ``old`` occurs across those files; every occurrence is replaced
+
+
+TIES = "tests/test_ties.py"
+CONES = "tests/test_cones.py"
+PROJECTION = "tests/test_projection.py"
+SKIPS = "tests/test_skip_reasons.py"
+FILES = "tests/test_files.py"
+OUT_DIR = "tests/test_out_dir.py"
+MCN = "tests/test_matconvnet_loader.py"
+ONNX_FILES = ("hpa/backends/onnx_graph.py", "hpa/backends/onnx/*.py")
+
+MUTANTS = (
+    # -- the twelve bugs of the audit that no test caught (issue 12) --
+    Mutant("projection: n_l counts c < 0", ("plugins/projection.py",),
+           "np.mean(live <= 0)", "np.mean(live < 0)", (TIES,)),
+    Mutant("cones: OUT_FULL_IN needs Delta < 0", ("hpa/cones.py",),
+           "torch.where(u <= r_max, _OUT_FULL_IN", "torch.where(u < r_max, _OUT_FULL_IN", (TIES,)),
+    Mutant("cones: OUT_* states need A > 0", ("hpa/cones.py",),
+           "a_nonneg = (upper.apex - a_min) >= 0", "a_nonneg = (upper.apex - a_min) > 0", (TIES,)),
+    Mutant("cones: IN_FULL_OUT needs Delta > 0", ("hpa/cones.py",),
+           "torch.where(u >= r_max, _IN_FULL_OUT", "torch.where(u > r_max, _IN_FULL_OUT", (TIES,)),
+    Mutant("matconvnet: bnorm without moments not listed", ("hpa/backends/matconvnet.py",),
+           'skipped.append(Skipped(op.name, "bnorm layer has no moments',
+           'skipped and None and (Skipped(op.name, "bnorm layer has no moments', (SKIPS,)),
+    Mutant("cones: linear and 1-D layers not listed", ("plugins/cones.py",),
+           "for layer in graph if layer.name not in taking_part]",
+           "for layer in graph if layer.name not in taking_part and layer.kind == 'conv2d']", (SKIPS,)),
+    Mutant("projection: 'layer has no weights' not listed", ("plugins/projection.py",),
+           'return "layer has no weights"', "return None", (PROJECTION, SKIPS)),
+    Mutant("cones: rotation leaves out the 0 of non-overlapping shifts", ("hpa/cones.py",),
+           "if self.has_zero:", "if False:", (TIES,)),
+    Mutant("cones: dilation ignored", ("hpa/cones.py",),
+           "if dilation is None or all(d == 1 for d in dilation):", "if True:", (TIES,)),
+    Mutant("cones: plane read as (W, H)", ("plugins/cones.py",),
+           "return tuple(int(s) for s in layer.input_shape[1:])",
+           "return tuple(int(s) for s in layer.input_shape[:0:-1])", (TIES,)),
+    Mutant("projection: fully-connected rule ignores padding", ("plugins/projection.py",),
+           "(k - 1) * d + 1 == n + begin + end", "(k - 1) * d + 1 == n", (TIES,)),
+    Mutant("projection: fully-connected rule ignores dilation", ("plugins/projection.py",),
+           "(k - 1) * d + 1 == n + begin + end", "k == n + begin + end", (TIES,)),
+    # -- mutants the audit's tests already killed --
+    Mutant("projection: no sqrt(n) normalisation", ("plugins/projection.py",),
+           "sums[valid] / (norms[valid] * np.sqrt(n))", "sums[valid] / norms[valid]", (PROJECTION,)),
+    Mutant("fold: BatchNorm scale without the square root", ("hpa/fold.py",),
+           "return g / np.sqrt(var + eps)", "return g / (var + eps)", ("tests/test_fold.py",)),
+    Mutant("cones: grouped-conv channel mapping", ("hpa/cones.py",),
+           "up_w = up_w.transpose(0, 2, 1, 3, 4)", "up_w = up_w.transpose(0, 1, 2, 3, 4)", (CONES,)),
+    Mutant("cones: bias not split over the channels", ("hpa/cones.py",),
+           "np.repeat((b / per_group)[:, None]", "np.repeat(b[:, None]", (CONES,)),
+    Mutant("torch trace: zero pad begin/end swapped", ("hpa/backends/torch_trace.py",),
+           "(begin + pad[2 * k], end + pad[2 * k + 1])", "(begin + pad[2 * k + 1], end + pad[2 * k])",
+           ("tests/test_torch_trace.py",)),
+    Mutant("torch trace: 'same' padding extra pixel at the begin", ("hpa/backends/torch_trace.py",),
+           "return tuple((t // 2, t - t // 2) for t in totals)", "return tuple((t - t // 2, t // 2) for t in totals)",
+           ("tests/test_torch_trace.py",)),
+    # TorchScript has no padding code of its own (it builds layers with the tracer's make_layer), so its
+    # mutant is the same line, caught by a test that reads a TorchScript archive only.
+    Mutant("TorchScript: 'same' padding extra pixel at the begin", ("hpa/backends/torch_trace.py",),
+           "return tuple((t // 2, t - t // 2) for t in totals)", "return tuple((t - t // 2, t // 2) for t in totals)",
+           ("tests/test_cross_backend.py::test_torchscript_same_padding_is_the_one_torch_applies",)),
+    Mutant("TorchScript: a zero pad before a conv is dropped", ("hpa/backends/torchscript_graph.py",),
+           "    elif op in _PAD_ARGS:\n", "    elif False:\n", ("tests/test_torch_trace.py",)),
+    Mutant("matconvnet: pad begin/end swapped", ("hpa/backends/matconvnet.py",),
+           "return ((n[0], n[1]), (n[2], n[3]))", "return ((n[1], n[0]), (n[3], n[2]))", (MCN,)),
+    Mutant("matconvnet: kernel H and W axes swapped", ("hpa/backends/matconvnet.py",),
+           'reshape(dims, order="F").transpose(3, 2, 0, 1)', 'reshape(dims, order="F").transpose(3, 2, 1, 0)',
+           (MCN,)),
+    # -- hpa/files.py: --out never loses the old result, never replaces what hpa did not write --
+    Mutant("files: --out deletes the old result, then writes in place", ("hpa/files.py",),
+           "            os.mkdir(staging)\n            yield staging\n            write_manifest(staging)\n",
+           "            _remove_tree(target)\n            staging = target\n            os.makedirs(staging)\n"
+           "            yield staging\n            write_manifest(staging)\n            return\n", (FILES, OUT_DIR)),
+    Mutant("files: the swap deletes the old result before renaming the new one in", ("hpa/files.py",),
+           "    if _exchange(staging, target):\n        return staging\n",
+           "    _remove_tree(target)\n    os.rename(staging, target)\n    return None\n", (FILES,)),
+    Mutant("files: manifest check skipped (a folder with foreign files is replaced)", ("hpa/files.py",),
+           "    found = foreign_entry(folder)\n    if found is None:\n        return\n",
+           "    found = None\n    if found is None:\n        return\n", (FILES, OUT_DIR)),
+    Mutant("files: a file changed since hpa wrote it counts as hpa's", ("hpa/files.py",),
+           "if name in listed and (not path.is_file() or _fingerprint(path) != listed[name]):",
+           "if False:", (FILES,)),
+    Mutant("files: the staging folder is left behind when the writer fails", ("hpa/files.py",),
+           "            _remove_tree(staging)\n            for folder in reversed(created):\n",
+           "            for folder in reversed(created):\n", (FILES,)),
+    # -- ONNX last: its loader is being split into a package, so these are found by snippet --
+    Mutant("onnx: pads begin/end swapped", ONNX_FILES,
+           "return tuple((pads[i], pads[i + dims]) for i in range(dims))\n",
+           "return tuple((pads[i + dims], pads[i]) for i in range(dims))\n", ("tests/test_onnx_loader.py",)),
+    Mutant("onnx: auto_pad SAME_UPPER and SAME_LOWER swapped", ONNX_FILES,
+           'pairs.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))',
+           'pairs.append((large, small) if auto_pad == "SAME_UPPER" else (small, large))',
+           ("tests/test_onnx_loader.py", "tests/test_onnx_conformance.py"), count=2),
+)
+
+
+def source_files(root: Path) -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what the tests of the working tree see."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return [name for name in out.decode().split("\0") if name and (root / name).is_file()]
+
+
+def copy_tree(root: Path, target: Path) -> None:
+    for name in source_files(root):
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, destination)
+    # The import names, pointing into the copy, so PYTHONPATH finds them before the editable install
+    # (whose finder sits at the end of sys.meta_path).
+    imports = target / ".mutation-path"
+    imports.mkdir()
+    for package, folder in PACKAGES.items():
+        (imports / package).symlink_to(target / folder, target_is_directory=True)
+
+
+def matches(tree: Path, mutant: Mutant) -> list[Path]:
+    files = sorted({p for pattern in mutant.where for p in tree.glob(pattern) if p.is_file()})
+    return [p for p in files if mutant.old in p.read_text()]
+
+
+def occurrences(tree: Path, mutant: Mutant) -> int:
+    return sum(p.read_text().count(mutant.old) for p in matches(tree, mutant))
+
+
+def apply(tree: Path, mutant: Mutant) -> None:
+    for path in matches(tree, mutant):
+        path.write_text(path.read_text().replace(mutant.old, mutant.new))
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], first_failure: bool,
+              deselect: list[str] = ()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(tree / ".mutation-path"), HPA_DISABLE_PLUGIN_AUTOLOAD="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    command += [arg for node in deselect for arg in ("--deselect", node)]
+    if first_failure:
+        command.append("-x")
+    return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+
+
+def baseline_failures(tree: Path, tests: tuple[str, ...]) -> list[str] | None:
+    """The tests that already fail on the unmutated tree (then left out, and listed), or None on an error.
+
+    A test that fails without any mutant would "kill" every mutant, so it cannot count as a kill.
+    """
+    proc = run_tests(tree, tests, first_failure=False)
+    if proc.returncode not in (0, 1):
+        print(proc.stdout[-3000:] + proc.stderr[-3000:])
+        print(f"mutation: the unmutated tests could not run (pytest exit {proc.returncode}); fix that first")
+        return None
+    failing = [line[len("FAILED "):].split(" - ")[0] for line in proc.stdout.splitlines()
+               if line.startswith("FAILED ")]
+    for node in failing:
+        print(f"WARNING   fails without a mutant, left out: {node}")
+    return failing
+
+
+def check_imports(tree: Path) -> None:
+    """The copy's packages are what a test imports, not the working tree's."""
+    env = dict(os.environ, PYTHONPATH=str(tree / ".mutation-path"))
+    code = "import hpa, hpa_plugins; print(hpa.__file__); print(hpa_plugins.__file__)"
+    found = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True,
+                           check=True).stdout.split()
+    if not all(Path(f).resolve().is_relative_to(tree.resolve()) for f in found):
+        raise SystemExit(f"mutation: the copy is not what gets imported ({found}); aborting")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only mutants whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    if args.list:
+        for mutant in chosen:
+            print(f"{mutant.name}  [{', '.join(mutant.where)}]  -> {' '.join(mutant.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="hpa-mutation-") as tmp:
+        pristine = Path(tmp) / "pristine"
+        copy_tree(ROOT, pristine)
+        check_imports(pristine)
+        stale = [m for m in chosen if occurrences(pristine, m) != m.count]
+        live = [m for m in chosen if m not in stale]
+        failing = baseline_failures(pristine, tuple(dict.fromkeys(t for m in live for t in m.tests)))
+        if failing is None:
+            return 1
+        survivors = []
+        for mutant in live:
+            tree = Path(tmp) / "mutant"
+            shutil.copytree(pristine, tree, symlinks=False, ignore=shutil.ignore_patterns(".mutation-path"))
+            (tree / ".mutation-path").mkdir()
+            for package, folder in PACKAGES.items():
+                (tree / ".mutation-path" / package).symlink_to(tree / folder, target_is_directory=True)
+            apply(tree, mutant)
+            started = time.monotonic()
+            proc = run_tests(tree, mutant.tests, first_failure=True, deselect=failing)
+            verdict = "killed" if proc.returncode == 1 else "SURVIVED" if proc.returncode == 0 else \
+                f"ERROR (pytest exit {proc.returncode})"
+            by = next((line[len("FAILED "):].split(" - ")[0] for line in proc.stdout.splitlines()
+                       if line.startswith("FAILED ")), "")
+            print(f"{verdict:9} {time.monotonic() - started:5.1f}s  {mutant.name}" + (f"  (by {by})" if by else ""),
+                  flush=True)
+            if proc.returncode != 1:
+                survivors.append(mutant)
+                if proc.returncode != 0:
+                    print(proc.stdout[-1500:] + proc.stderr[-1500:])
+            shutil.rmtree(tree)
+    for mutant in stale:
+        print(f"STALE     {mutant.name}: {mutant.old!r} occurs {occurrences(ROOT, mutant)} times in "
+              f"{', '.join(mutant.where)}, expected {mutant.count}; rewrite the mutant")
+    print(f"mutation: {len(live) - len(survivors)} of {len(live)} mutants killed, {len(survivors)} survived, "
+          f"{len(stale)} stale")
+    return 1 if survivors or stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
