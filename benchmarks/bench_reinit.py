@@ -1,9 +1,9 @@
 """``hpa reinit`` speed (issue 10 bar): one heatmap cell vs one plain evaluation pass, and whole heatmaps.
 
-    .venv/bin/python benchmarks/bench_reinit.py [--repeat 7] [--threads 1] [--skip-vgg]
+    .venv/bin/python benchmarks/bench_reinit.py [--repeat 21] [--threads 1] [--skip-vgg]
 
 * **cell vs pass** (target <= 1.1x): on a trained digits run (the task's default
-  architecture, seed 001's small CNN that the zoo's digits CNN is trained as),
+  architecture, Milisavljevic's (Exploring Convolutional Networks) small CNN that the zoo's digits CNN is trained as),
   the trainer's own evaluation pass over the test split
   (``hpa.experiments.loop.evaluate``) against one heatmap cell: copy a layer's
   checkpoint tensors in, evaluate, copy the trained tensors back.  Median of
@@ -27,13 +27,15 @@ import time
 from pathlib import Path
 
 
-def _median_seconds(function, repeat: int) -> float:
-    times = []
+def _interleaved_medians(first, second, repeat: int) -> tuple[float, float]:
+    """Median seconds of two functions timed alternately, so drift on a shared machine hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            function()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def cell_vs_pass(run: Path, repeat: int) -> dict[str, float]:
@@ -44,7 +46,7 @@ def cell_vs_pass(run: Path, repeat: int) -> dict[str, float]:
     from hpa.experiments.reinit import _subjects, _Sweep
     from hpa.experiments.types import Recipe
 
-    subject = _subjects(run, weights=None, plugin=None, data=None, seed=0, device=torch.device("cpu"))[0]
+    subject = _subjects(run, weights=None, plugin=None, data=None, seed=0, device=torch.device("cpu"))[0]()
     sweep = _Sweep(subject, [0], None, False, False, 1, False, torch.device("cpu"), 1000)
     data = DeviceData(subject.dataset, Recipe(), subject.seed, torch.device("cpu"))
     layer = sweep.layers[1]
@@ -55,8 +57,8 @@ def cell_vs_pass(run: Path, repeat: int) -> dict[str, float]:
         for _ in range(3):  # warm-up
             trainer_pass(subject.model, data, data.test, "test")
             sweep._evaluate_with(cell_tensors)
-        plain = _median_seconds(lambda: trainer_pass(subject.model, data, data.test, "test"), repeat)
-        cell = _median_seconds(lambda: sweep._evaluate_with(cell_tensors), repeat)
+        plain, cell = _interleaved_medians(lambda: trainer_pass(subject.model, data, data.test, "test"),
+                                           lambda: sweep._evaluate_with(cell_tensors), repeat)
     return {"plain_pass_s": plain, "cell_s": cell, "ratio": cell / plain, "test_images": len(data.test)}
 
 
@@ -92,7 +94,7 @@ def synthetic_cifar_task(test_images: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the trainer uses 1)")
     parser.add_argument("--vgg-test", type=int, default=1000, help="test images of the VGG-11 task")
     parser.add_argument("--skip-vgg", action="store_true")

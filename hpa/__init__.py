@@ -37,7 +37,8 @@ __all__ = [
     "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ScanResult", "Skipped", "SpecError",
     "Statistic", "StatisticContext", "StatisticResult", "UnknownOptionError", "UnsafeFileError",
     "UnsupportedModelError", "__version__", "analyse", "check_model_file", "hookimpl", "list_experiments",
-    "list_loaders", "list_models", "list_statistics", "load", "module_converters", "parse_input_size", "rebind", "reinit",
+    "list_loaders", "list_models", "list_statistics", "load", "module_converters", "open_run", "parse_input_size", "rebind",
+    "reinit",
     "scan",
 ]
 
@@ -52,6 +53,7 @@ _LAZY = {
     "parse_input_size": "hpa.api",
     "rebind": "hpa.rebind",  # a traced graph's structure with another state's numbers (numpy only)
     "reinit": "hpa.experiments.reinit",  # critical layers: reset each layer to each checkpoint
+    "open_run": "hpa.experiments.open_run",  # a training run's metrics, series, graphs and figures
     # for plugin authors: a checked model path, and the module-converter registry the tracer reads
     "check_model_file": "hpa.files", "module_converters": "hpa.plugins",
 }
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from hpa.graph import ConvGraph, Layer, Skipped
     from hpa.plugins import module_converters
     from hpa.rebind import rebind
+    from hpa.experiments.open_run import open_run
     from hpa.experiments.reinit import reinit
     from hpa.registry import (Experiment, Loader, LoadOptions, ModuleConverter, Option, Statistic,
                               StatisticContext, StatisticResult)

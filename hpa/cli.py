@@ -326,8 +326,8 @@ def _register_plugin_commands() -> None:
 @cli.command()
 @click.option("--plugin", "task", metavar="TASK", help="The training task, e.g. digits, cifar10 (hpa experiments).")
 @click.option("--arch", metavar="SPEC", help="Architecture, a loader spec such as cifar:vgg19. Default: the task's.")
-@click.option("--out", type=click.Path(file_okay=False), help="New folder for the run.")
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--out", type=click.Path(), help="New folder for the run.")
+@click.option("--resume", type=click.Path(), help="Continue the run in this folder.")
 @click.option("--data", type=click.Path(), help="Folder holding the dataset files.")
 @click.option("--download", is_flag=True, help="Fetch the dataset into --data when it is missing.")
 @click.option("--seed", type=int, help="Seed of every random stream.  [default: 0]")
@@ -347,10 +347,30 @@ def _register_plugin_commands() -> None:
 @click.option("--shift", type=int, help="Recipe: random shifts of up to ±N pixels (0: none).")
 @click.option("--flip/--no-flip", default=None, help="Recipe: random horizontal flips.")
 @click.option("--validation", type=float, help="Recipe: held-out fraction of the training set.")
+@click.option("--recipe", "recipe_name", metavar="NAME", help="A named recipe (hpa experiments lists them); the "
+              "recipe flags above override its fields.  [default: paper, the task's own]")
+@click.option("--label-noise", type=float, metavar="P", help="Noise: corrupt each training label with probability "
+              "P (validation and test labels stay clean).  [default: 0]")
+@click.option("--label-noise-mode", metavar="MODE", help="Noise: uniform (redrawn over all classes, Zhang et al. "
+              "2017) or wrong (always another class).  [default: uniform]")
+@click.option("--random-labels", is_flag=True, default=None, help="Noise: the same as --label-noise 1.")
+@click.option("--shuffle-pixels", is_flag=True, default=None,
+              help="Noise: one fixed permutation of pixel positions for every image of every split.")
+@click.option("--random-pixels", is_flag=True, default=None,
+              help="Noise: an independent fixed permutation of pixel positions for each image.")
+@click.option("--gaussian-images", is_flag=True, default=None, help="Noise: every image replaced by Gaussian "
+              "noise with the training set's per-channel mean and std.")
+@click.option("--noise-seed", type=int, help="Noise: seed of the corruption.  [default: the run's --seed]")
 @click.option("--stat", "statistics", multiple=True,
               help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def train(quiet: bool, statistics, seeds, **options) -> None:
+@click.option("--progress/--no-progress", "bars", default=None,
+              help="A live bar per epoch on stderr.  [default: when stderr is a terminal; else one line per epoch]")
+@click.option("--quiet", is_flag=True, help="No progress on stderr (warnings and errors still show).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
+              help="Arithmetic: fp32 (faithful), tf32 (CUDA) or bf16 autocast.  [default: fp32]")
+@click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the network.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Train on N local processes (torchrun, one per GPU).")
+def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
     """Train a task's network and write a run folder (snapshots, metrics, run.json).
 
     Recipe flags left out take the task's defaults (hpa experiments shows them);
@@ -364,10 +384,25 @@ def train(quiet: bool, statistics, seeds, **options) -> None:
     """
     import shlex
 
+    from hpa.experiments.distributed import is_lead, launch, launched, without_nproc
+
+    if nproc is not None and nproc > 1 and not launched():
+        if seeds is not None:
+            raise HpaError("--nproc trains one run at a time; give --seed N instead of --seeds")
+        from hpa.experiments.run import RunDir
+
+        # The usual mistakes, refused here in one line rather than by every rank under torchrun.
+        if options["resume"] is not None:
+            RunDir.open(options["resume"])
+        elif options["out"] is not None:
+            RunDir.check_new(options["out"])
+        sys.exit(launch(nproc, without_nproc(sys.argv[1:])))
     from hpa.experiments.seeds import is_multi_seed, parse_seeds, resume_seeds, train_seeds
     from hpa.experiments.train import train as run_training
 
-    options.update(progress=None if quiet else lambda line: click.echo(line, err=True),
+    from hpa.render.training_progress import TrainingProgress
+
+    options.update(progress=None if quiet else TrainingProgress(bars=bars),
                    command=shlex.join(["hpa", *sys.argv[1:]]), statistics=statistics or None)
     if seeds is not None:
         if options["seed"] is not None:
@@ -377,14 +412,37 @@ def train(quiet: bool, statistics, seeds, **options) -> None:
         folder = resume_seeds(options.pop("resume"), **options)
     else:
         folder = run_training(**options)
-    click.echo(f"wrote {folder}/ (run.json, metrics.jsonl, snapshots/)")
+    if is_lead():
+        click.echo(f"wrote {folder}/ (run.json, metrics.jsonl, snapshots/)")
+
+
+@cli.command("analyse-run")
+@click.argument("run_dir", type=click.Path())
+@click.option("--stat", "statistics", multiple=True, required=True,
+              help="Statistic to run on every saved snapshot (repeatable), e.g. one installed since.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def analyse_run(run_dir: str, statistics, quiet: bool) -> None:
+    """Run statistics over every saved snapshot of an earlier 'hpa train' run, skipping epochs done.
+
+    Updates stats/, series.csv (and a --seeds summary) atomically, then redraws figures/.
+
+    \b
+    Example:
+      hpa analyse-run runs/vgg19 --stat cones
+    """
+    from hpa.experiments.stats import analyse_run as run_analysis
+
+    report = run_analysis(run_dir, list(statistics), progress=None if quiet else lambda line: click.echo(line, err=True))
+    done = f"; {len(report['already_done'])} already done" if report["already_done"] else ""
+    click.echo(f"analysed {len(report['analysed'])} snapshots{done}; updated {run_dir}/ (stats/, series.csv, figures/)")
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiments(as_json: bool) -> None:
-    """List the training tasks with their dataset, default architecture and recipe."""
+    """List the training tasks with their dataset, default architecture and recipe, and the named recipes."""
     from hpa.experiments.train import describe_tasks
+    from hpa.experiments.types import NAMED_RECIPES
 
     described = describe_tasks()
     if as_json:
@@ -393,6 +451,9 @@ def experiments(as_json: bool) -> None:
     for task in described:
         click.echo(f"{task['name']:<14} --arch {task['architecture']:<18} {task['description']}")
         click.echo("    recipe: " + " ".join(f"{k}={v}" for k, v in task["recipe"].items()))
+    click.echo("named recipes (hpa train --recipe NAME; recipe flags override their fields):")
+    for named in NAMED_RECIPES.values():
+        click.echo(f"  {named.name:<14} {named.description}")
 
 
 @cli.command()
@@ -408,11 +469,11 @@ def experiments(as_json: bool) -> None:
 @click.option("--plugin", metavar="TASK", help="With a spec: the task whose test split is evaluated.")
 @click.option("--data", type=click.Path(), help="Folder holding the task's dataset files.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of fresh inits and random draws.")
-@click.option("--out", type=click.Path(file_okay=False), help="Result folder.  [default: RUN_DIR/reinit]")
+@click.option("--out", type=click.Path(), help="Result folder.  [default: RUN_DIR/reinit]")
 @click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def reinit(run_or_spec: str, epochs, layers, out, fig_format: str, quiet: bool, **options) -> None:
-    """Critical layers: reset each layer to each checkpoint and measure the test accuracy (seed 004 Fig. 2).
+    """Critical layers: reset each layer to each checkpoint and measure the test accuracy (Gamba et al. 2020 Fig. 2).
 
     \b
     Examples:

@@ -1,4 +1,4 @@
-"""BatchNorm folding, STATISTICS.md §0, shared by every loader.
+"""BatchNorm folding, docs/statistics.md §0, shared by every loader.
 
     s_i  = gamma_i / sqrt(running_var_i + eps)
     w'_i = s_i * w_i

@@ -1,4 +1,4 @@
-"""Torch modules from the seeds: the channel-wise-ReLU conv of seed 000 eq. (4) and its networks.
+"""Torch modules from the seeds: the channel-wise-ReLU conv of Gamba et al. 2019 eq. (4) and its networks.
 
 ``ChannelReLUConv2d`` computes, for filter ``o``,
 
@@ -34,7 +34,7 @@ def _pair(value) -> tuple[int, int]:
 
 
 class ChannelReLUConv2d(nn.Module):
-    """The channel-wise-ReLU conv of seed 000 eq. (4).
+    """The channel-wise-ReLU conv of Gamba et al. 2019 eq. (4).
 
     ``weight`` is ``(out_channels, in_channels, k1, k2)`` like ``nn.Conv2d``;
     ``bias`` is ``(out_channels, in_channels)``: one bias per (filter, input
@@ -60,7 +60,7 @@ class ChannelReLUConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-uniform weights as ``nn.Conv2d`` draws them; zero biases, as seed 000 §4 trained."""
+        """Kaiming-uniform weights as ``nn.Conv2d`` draws them; zero biases, as Gamba et al. 2019 §4 trained."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         for bias in (self.bias, self.out_bias):
             if bias is not None:
@@ -102,7 +102,7 @@ def _convert(module: ChannelReLUConv2d, name: str, x: torch.Tensor, y: torch.Ten
 register_module_converter(ChannelReLUConv2d, _convert)
 
 
-# -- the networks of seed 000 §4 (reference code: LeNet9 and VGG9, 9 learned layers each) --------
+# -- the networks of Gamba et al. 2019 §4 (reference code: LeNet9 and VGG9, 9 learned layers each) --------
 
 #: Conv widths, "M" = 2x2 max-pool.  Six 3x3 convs (padding 1) and three linear layers each.
 LENET9_CONVS = (6, 6, "M", 16, 16, "M", 64, 64, "M")
@@ -148,14 +148,14 @@ def _network(widths, hidden: tuple[int, int], num_classes: int, in_channels: int
 
 
 def lenet9(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, channel_relu: bool = True) -> nn.Module:
-    """LeNet-like network of seed 000 §4: convs 6, 6, M, 16, 16, M, 64, 64, M; linears 120, 84, classes.
+    """LeNet-like network of Gamba et al. 2019 §4: convs 6, 6, M, 16, 16, M, 64, 64, M; linears 120, 84, classes.
 
-    With ``channel_relu`` (the default) every conv is a :class:`ChannelReLUConv2d`, as seed 000
+    With ``channel_relu`` (the default) every conv is a :class:`ChannelReLUConv2d`, as Gamba et al. 2019
     trained it; otherwise plain ``nn.Conv2d`` followed by ``nn.ReLU``.
     """
     return _network(LENET9_CONVS, (120, 84), num_classes, in_channels, input_size, channel_relu)
 
 
 def vgg9(num_classes: int = 10, in_channels: int = 3, input_size: int = 32, channel_relu: bool = True) -> nn.Module:
-    """VGG-like network of seed 000 §4: convs 64, 64, M, 128, 128, M, 256, 256, M; linears 512, 512, classes."""
+    """VGG-like network of Gamba et al. 2019 §4: convs 64, 64, M, 128, 128, M, 256, 256, M; linears 512, 512, classes."""
     return _network(VGG9_CONVS, (512, 512), num_classes, in_channels, input_size, channel_relu)

@@ -53,6 +53,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cifar_task": "hpa_plugins.cifar_task",
     "mnist_task": "hpa_plugins.mnist_task",
     "imagefolder_task": "hpa_plugins.imagefolder_task",
+    "run": "hpa_plugins.run_loader",
 }
 
 

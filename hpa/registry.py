@@ -30,7 +30,7 @@ class LoadOptions:
     # the default "DEFAULT") onto this; loaders should test random_init and default_weights.
     weights: str | None = None
     input_size: tuple[int, ...] | None = None  # (C, H, W) without batch; None: from the model's config
-    fold_bn: bool = True  # fold inference BatchNorm into the conv before it (STATISTICS.md §0)
+    fold_bn: bool = True  # fold inference BatchNorm into the conv before it (docs/statistics.md §0)
     trust_pickle: bool = False  # allow unpickling code from a file; never on by default
     seed: int = 0  # seed of random initialisations
     # The loader's declared options (Loader.options), converted and validated, defaults filled in.
@@ -211,6 +211,9 @@ class Statistic:
     # runs only the statistics that apply and records the others with their reason.
     applies: Callable[[ConvGraph], str | None] | None = None
     options: tuple[Option, ...] = ()  # statistic-specific options (-o KEY=VALUE)
+    # Figures over the epochs of a training run (one seed or several): (hpa.render.series.RunSeries,
+    # folder, format) -> the files written.  The trainer and hpa.open_run(...).plot() call it.
+    plot_series: Callable[[Any, Path, str], list[Path]] | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ class ModuleConverter:
 
     ``x`` is the module's input tensor and ``y`` its output, from the tracing
     forward pass.  For layers whose maths is not a single conv call, such as the
-    channel-wise-ReLU conv of seed 000 eq. (4) (``hpa.nn.ChannelReLUConv2d``).
+    channel-wise-ReLU conv of Gamba et al. 2019 eq. (4) (``hpa.nn.ChannelReLUConv2d``).
     """
 
     module_class: type

@@ -10,11 +10,11 @@ trainable module; ``load`` is ``trace(build(...))``.
   (``-o upscale=64``, the smallest side torchvision's AlexNet accepts).
 * ``vgg11_cifar`` ... ``vgg19_cifar``: the same conv stacks with the compact
   CIFAR head (512-512-classes, dropout) of the cone paper's code.
-* ``lenet9``, ``vgg9``: seed 000's 9-layer networks with the channel-wise-ReLU
+* ``lenet9``, ``vgg9``: Gamba et al. 2019's 9-layer networks with the channel-wise-ReLU
   conv; ``lenet9_relu``, ``vgg9_relu``: the same with plain conv + ReLU;
-  ``lenet6``: seed 004 A.7's 6-conv LeNet (the plain-ReLU ``lenet9``).
+  ``lenet6``: Gamba et al. 2020 A.7's 6-conv LeNet (the plain-ReLU ``lenet9``).
 * ``small_max``, ``small_avg``, ``small_maxavg``, ``small_stride``,
-  ``small_dilation``, ``small_dilation_inc``: seed 001's 4-conv, 64-filter CNN
+  ``small_dilation``, ``small_dilation_inc``: Milisavljevic's 4-conv, 64-filter CNN
   with each way of widening the context (max, average, max+average pooling;
   stride-2 convs; dilation 2; dilation growing with depth).  A pool that
   would shrink a 1x1 map is left out, so these also take 8x8 digits.
@@ -46,7 +46,7 @@ OPTIONS = (
 def register_loaders(register):
     register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
                     options=OPTIONS,
-                    description="the papers' networks for 32x32 inputs (VGG, AlexNet, LeNet, seed 000/001 nets)"))
+                    description="the papers' networks for 32x32 inputs (VGG, AlexNet, LeNet, Gamba et al. 2019 and Milisavljevic nets)"))
 
 
 def list_models() -> list[str]:
@@ -208,7 +208,7 @@ def _FeaturesClassifier(features, classifier):
     return Net()
 
 
-# -- seed 000's 9-layer networks -----------------------------------------------------------------
+# -- Gamba et al. 2019's 9-layer networks -----------------------------------------------------------------
 
 def _seed000(name: str, channel_relu: bool):
     def make(num_classes: int, in_channels: int, side: int, **_):
@@ -220,7 +220,7 @@ def _seed000(name: str, channel_relu: bool):
     return make
 
 
-# -- seed 001's small CNN and its context-widening variants ---------------------------------------
+# -- Milisavljevic's small CNN (Exploring Convolutional Networks) and its context-widening variants --
 
 def _small(reduction: str):
     """4 x (conv 3x3, 64 filters, padding keeps the size; ReLU; ``reduction``), then one linear layer."""
@@ -235,7 +235,7 @@ def _small(reduction: str):
             dilation = {"dilation": 2, "dilation_inc": depth + 1}.get(reduction, 1)
             layers += [nn.Conv2d(channels, 64, 3, stride=stride, padding=dilation, dilation=dilation),
                        nn.ReLU(inplace=True)]
-            # A pool that would leave nothing (side 1) is left out, so 8x8 digits fit; at seed 001's
+            # A pool that would leave nothing (side 1) is left out, so 8x8 digits fit; at Milisavljevic's
             # 28x28 (and at 32x32) all four pools are there.
             if reduction in ("max", "avg", "maxavg") and side >= 2:
                 layers.append(_pool(reduction))

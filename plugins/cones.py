@@ -1,4 +1,4 @@
-"""The cone statistics (seed 000 §3.3-3.4 and §4; STATISTICS.md §2).
+"""The cone statistics (Gamba et al. 2019 §3.3-3.4 and §4; docs/statistics.md §2).
 
 For every pair of stacked 2-D convs ``(l, l+1)`` on the same ``H x W`` plane,
 each single-channel kernel ``u = W^{l+1}[i, o]`` is a cone; its predecessors
@@ -34,13 +34,14 @@ def register_statistics(register):
     register(Statistic(
         name=NAME,
         compute=compute,
-        description="nesting of the single-channel cones of stacked convs (seed 000): four states, "
+        description="nesting of the single-channel cones of stacked convs (Gamba et al. 2019): four states, "
                     "apex distance, opening offset, rotation",
         report=report,
         plot=plot,
         tables=tables,
         applies=applies,
         options=OPTIONS,
+        plot_series=plot_series,
     ))
 
 
@@ -265,7 +266,7 @@ def compute(graph: ConvGraph, context: StatisticContext) -> StatisticResult:
 
 
 def pair_summary(lower: Layer, upper: Layer, plane, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON entry of one pair, without its names (STATISTICS.md §2, "What is reported")."""
+    """The JSON entry of one pair, without its names (docs/statistics.md §2, "What is reported")."""
     from hpa import cones
 
     low_w = cones.dilate(lower.weight, lower.dilation)
@@ -295,38 +296,49 @@ _SHORT = {"OUT_FULL_IN": "OFI", "IN_FULL_OUT": "IFO", "OUT_PARTIAL_IN": "OPI", "
 
 
 def report(result) -> str:
-    """The pairs table printed after the layer table."""
-    from hpa.render.table import format_table
+    """The pairs table printed after the layer table: means only, so it fits 100 columns.
+
+    Standard deviations, the per-pair bias rule and everything else are in pairs.csv and the JSON.
+    """
+    from hpa.render.table import format_table, shorten_middle
 
     pairs = _pairs(result)
     if not pairs:
         return "cones: no eligible layer pair (see skipped)"
-    headers = ["lower -> upper", "plane", "cones", "degen"] + [_SHORT[s] for s in STATES] + \
-        ["|d|", "|delta|", "rho", "biases"]
+    entries = [entry for pair in pairs for entry in (pair, pair.get("init")) if entry]
+    show_degenerate = any(entry["degenerate"] for entry in entries)
+    rules = sorted({entry.get("bias_rule", "") for entry in entries} - {""})
+    headers = (["lower -> upper", "plane", "cones"] + (["degen"] if show_degenerate else [])
+               + [_SHORT[s] for s in STATES] + ["|d|", "|delta|", "rho"] + (["biases"] if len(rules) > 1 else []))
     rows = []
+    side = 15 - 4 * show_degenerate - 4 * (len(rules) > 1)  # each name's width, so that a row fits 100 columns
     for entry in pairs:
-        rows.append(_row(f"{entry['lower']} -> {entry['upper']}", entry))
+        label = f"{shorten_middle(entry['lower'], side)} -> {shorten_middle(entry['upper'], side)}"
+        rows.append(_row(label, entry, show_degenerate, len(rules) > 1))
         if "init" in entry:
-            rows.append(_row("  (init)", entry["init"]))
-    legend = ("state fractions over non-degenerate cones: OFI OUT_FULL_IN, IFO IN_FULL_OUT, OPI OUT_PARTIAL_IN, "
-              "IPO IN_PARTIAL_OUT; |d|, |delta|, rho: mean±std of the per-cone means")
-    table = format_table(headers, rows, right=set(range(1, len(headers) - 1)))
-    return f"cone pairs ({len(pairs)}):\n{table}\n{legend}"
+            rows.append(_row("  (init)", entry["init"], show_degenerate, len(rules) > 1))
+    legend = ("states: fraction of the non-degenerate cones (OFI OUT_FULL_IN, IFO IN_FULL_OUT, OPI OUT_PARTIAL_IN, "
+              "IPO IN_PARTIAL_OUT); |d|, |delta|, rho: mean of the per-cone means (std in pairs.csv)"
+              + ("" if show_degenerate else "; no degenerate cones")
+              + (f"; biases: {rules[0]}" if len(rules) == 1 else ""))
+    table = format_table(headers, rows, right=set(range(1, len(headers) - (len(rules) > 1))))
+    return f"cone pairs ({len(pairs)}):\n{table}\n" + "\n".join(_wrap(legend, 100))
 
 
-def _row(label: str, entry: Mapping[str, Any]) -> list[str]:
+def _row(label: str, entry: Mapping[str, Any], degenerate: bool, bias_rule: bool) -> list[str]:
     fractions = entry["fractions"]
     plane = entry.get("plane")
-    return ([label, _size(plane) if plane else "?", str(entry["n_cones"]), str(entry["degenerate"])]
+    return ([label, _size(plane) if plane else "?", str(entry["n_cones"])]
+            + ([str(entry["degenerate"])] if degenerate else [])
             + [_fmt(fractions.get(s)) for s in STATES]
-            + [_mean_std(entry.get(k)) for k in ("distance", "opening", "rotation")]
-            + [entry.get("bias_rule", "")])
+            + [_fmt((entry.get(k) or {}).get("mean")) for k in ("distance", "opening", "rotation")]
+            + ([entry.get("bias_rule", "")] if bias_rule else []))
 
 
-def _mean_std(values: Mapping[str, Any] | None) -> str:
-    if not values or values.get("mean") is None:
-        return "-"
-    return f"{values['mean']:.3f}±{values['std']:.3f}"
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
 
 
 def _fmt(value: float | None) -> str:
@@ -363,6 +375,12 @@ def plot(result, directory: Path, fmt: str) -> list[Path]:
     from hpa_plugins.cones_figures import cone_figures
 
     return cone_figures(_pairs(result), caption(result), Path(directory), fmt)
+
+
+def plot_series(series, directory: Path, fmt: str) -> list[Path]:
+    from hpa_plugins.cones_figures import cones_series_figures
+
+    return cones_series_figures(series, Path(directory), fmt)
 
 
 def _pairs(result) -> list[dict[str, Any]]:

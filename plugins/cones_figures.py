@@ -1,4 +1,4 @@
-"""Figures of the cone statistics, after seed 000 (Fig. 1).
+"""Figures of the cone statistics, after Gamba et al. 2019 (Fig. 1).
 
 ``cones_states``: the four nesting states per layer pair as stacked horizontal
 bars, init hatched beside trained.  ``cones_distributions``: the distribution
@@ -159,3 +159,63 @@ def _pair_axis(ax, count: int, labels: list[str] | None) -> None:
         step = max(1, -(-count // 8))
         ax.set_yticks(range(0, count, step))
         ax.set_ylabel("layer pair (row of pairs.csv)")
+
+
+# -- over the epochs of a training run --------------------------------------------------------------
+
+PAIRS_OVER_EPOCHS = 12  # panels per page of cones_states_epochs (3 columns)
+
+
+def cones_series_figures(series, directory: Path, fmt: str) -> list[Path]:
+    """``cones_states_epochs``: each state's fraction per layer pair over epochs (Gamba et al. 2019 Fig. 1)."""
+    curves = _state_curves(series)
+    pattern = style.current().layers
+    pairs = [p for p in curves if style.select(list(p), pattern)]
+    if not pairs:
+        return []
+    chunks = style.pages(pairs, PAIRS_OVER_EPOCHS)
+    figures = [_states_epochs_page(series, curves, chunk, page, len(chunks)) for page, chunk in enumerate(chunks, 1)]
+    return style.save(figures, directory / "cones_states_epochs", fmt)
+
+
+def _state_curves(series) -> dict[tuple[str, str], dict[str, dict[int, tuple[list[int], list[float]]]]]:
+    """(lower, upper) -> state -> seed -> (epochs, fractions), read from each epoch's stored result."""
+    curves: dict = {}
+    for seed, epoch, result in sorted(series.results(), key=lambda item: item[:2]):
+        for entry in result.get("pairs") or []:
+            states = curves.setdefault((entry["lower"], entry["upper"]), {})
+            for state in STATES:
+                epochs, values = states.setdefault(state, {}).setdefault(seed, ([], []))
+                epochs.append(epoch)
+                values.append(_fraction(entry, state))
+    return curves
+
+
+def _states_epochs_page(series, curves, pairs, page: int, n_pages: int):
+    import math
+
+    from matplotlib.lines import Line2D
+
+    from hpa.render import series as over_epochs
+
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig = style.new_figure(style.COLUMN if cols == 1 else style.FULL, 1.55 * rows + 1.0)
+    axes, strip = style.panels(fig, rows, cols, 1.55, legend=True, sharex=True)
+    for ax, pair in zip(axes.flat, pairs):
+        over_epochs.mark_decays(ax, series.decay_epochs)
+        for state in STATES:
+            over_epochs.draw_curve(ax, curves[pair][state], _COLOURS[state], state)
+        ax.set_title(f"{style.short(pair[0], 20)} → {style.short(pair[1], 20)}")
+        ax.set_ylim(-0.02, 1.02)
+        over_epochs.epoch_axis(ax)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_visible(False)
+    fig.supxlabel("epoch")
+    fig.supylabel("fraction of cones")
+    handles = [Line2D([], [], color=_COLOURS[s]) for s in STATES]
+    style.legend_strip(strip, handles, list(STATES), ncols=4)
+    notes = [over_epochs.seeds_note(series), over_epochs.decay_note(series),
+             f"page {page} of {n_pages}" if n_pages > 1 else ""]
+    style.title(fig, series.caption, " · ".join(filter(None, notes)))
+    return fig

@@ -3,12 +3,12 @@
 The 1797 images are split once into a fixed stratified 75 % / 25 % train/test
 split (``random_state=0``, the split the zoo models were trained on); the
 trainer then holds out its seeded validation fraction from the 75 %.
-Pixels 0..16 become float32 in [0, 1].  The default recipe is seed 004's,
+Pixels 0..16 become float32 in [0, 1].  The default recipe is Gamba et al. 2020's,
 scaled to 8x8 images: shifts of ±1 pixel (4/32 of the side, as ±4 on 32x32),
 no flips (a mirrored digit is another symbol), and the zoo's 30 epochs of
 batches of 64 at learning rate 0.05 (1211 training images make only 10
 batches of 128 per epoch), with the step decay every 10 epochs.  The default
-architecture is seed 001's small CNN with max pooling.
+architecture is Milisavljevic's (Exploring Convolutional Networks) small CNN with max pooling.
 """
 
 from __future__ import annotations

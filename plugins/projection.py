@@ -1,4 +1,4 @@
-"""The projection statistic (seed 004 §2.3; STATISTICS.md §1).
+"""The projection statistic (Gamba et al. 2020 §2.3; docs/statistics.md §1).
 
 For filter i with weights w_i of dimension n:
 
@@ -33,6 +33,7 @@ def register_statistics(register):
         columns=columns,
         plot=plot,
         tables=tables,
+        plot_series=plot_series,
     ))
 
 
@@ -41,7 +42,7 @@ def register_statistics(register):
 def filter_matrix(layer: Layer):
     """Each unit's weights as one row: (F, n).  A view when no copy is needed.
 
-    Transposed convs: unit o is W[:, o] of its group (STATISTICS.md §1), exact for
+    Transposed convs: unit o is W[:, o] of its group (docs/statistics.md §1), exact for
     stride 1 and an approximation for larger strides.
     """
     import numpy as np
@@ -252,6 +253,12 @@ def plot(result, directory: Path, fmt: str) -> list[Path]:
     from hpa_plugins.projection_figures import projection_figures
 
     return projection_figures(result, Path(directory), fmt)
+
+
+def plot_series(series, directory: Path, fmt: str) -> list[Path]:
+    from hpa_plugins.projection_figures import projection_series_figures
+
+    return projection_series_figures(series, Path(directory), fmt)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Figures of the projection statistic, after seed 004 (Fig. 1 and 5).
+"""Figures of the projection statistic, after Gamba et al. 2020 (Fig. 1 and 5).
 
 ``projection_histograms``: one panel per layer, the cosines of its filters with
 the all-ones vector, trained over init when compared; fixed-size panels, 20 to
@@ -165,7 +165,7 @@ def _fmt(value: float | None) -> str:
 
 def n_l_figure(values: Mapping[str, Any], names: list[str], index: Mapping[str, int], caption: str,
                stem: Path, fmt: str) -> list[Path]:
-    """n_l against layer index (seed 004 Fig. 5), init beside trained, with the 0.5 of no bias marked."""
+    """n_l against layer index (Gamba et al. 2020 Fig. 5), init beside trained, with the 0.5 of no bias marked."""
     from matplotlib.ticker import MaxNLocator
 
     named = len(names) <= NAMED_TICKS
@@ -198,3 +198,16 @@ def n_l_figure(values: Mapping[str, Any], names: list[str], index: Mapping[str, 
 
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+# -- over the epochs of a training run ------------------------------------------------------------
+
+def projection_series_figures(series, directory: Path, fmt: str) -> list[Path]:
+    """``projection_n_l_epochs`` (Gamba et al. 2020 Figs. 5, 7, 8) and ``projection_distance_epochs``."""
+    from hpa.render import series as curves
+
+    return (curves.layer_figure(series, "projection.n_l", directory / "projection_n_l_epochs", fmt,
+                                "$n_l$ (fraction of\nnegative cosines)", limits=(-0.03, 1.03), reference=0.5)
+            + curves.layer_figure(series, "projection.distance_from_init.relative_l2",
+                                  directory / "projection_distance_epochs", fmt,
+                                  "$\\|W - W_0\\|_2 \\,/\\, \\|W_0\\|_2$"))

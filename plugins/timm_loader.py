@@ -26,8 +26,8 @@ OPTIONS = (
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True, options=OPTIONS,
-                    description="timm models, NAME or NAME.TAG (Hugging Face cache, a file, or none)"))
+    register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
+                    options=OPTIONS, description="timm models, NAME or NAME.TAG (Hugging Face cache, a file, or none)"))
 
 
 def list_models() -> list[str]:
@@ -36,23 +36,38 @@ def list_models() -> list[str]:
     return sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
 
 
+def build(name: str, options: LoadOptions):
+    """The untrained module, seeded by ``options.seed``; ``in_chans`` defaults to ``options.input_size``'s channels."""
+    import timm
+
+    from hpa.backends.torch_models import seeded
+
+    _check_name(timm, name)
+    kwargs = {key: value for key, value in options.extra.items() if value is not None}
+    if options.input_size and "in_chans" not in kwargs:
+        kwargs["in_chans"] = int(options.input_size[0])
+    return seeded(lambda: _create(timm, name, pretrained=False, **kwargs), options.seed)
+
+
+def _check_name(timm, name: str) -> None:
+    architecture = name.split(".")[0]
+    if not timm.is_model(architecture):
+        raise SpecError(f"unknown timm model {name!r}{suggest(architecture, timm.list_models(), PREFIX + ':')} "
+                        f"(list them with: hpa list-models timm 'PATTERN')")
+
+
 def load(name: str, options: LoadOptions):
     import timm
 
     from hpa.backends.torch_files import read_state_dict
     from hpa.backends.torch_trace import trace_module
 
-    architecture = name.split(".")[0]
-    if not timm.is_model(architecture):
-        raise SpecError(f"unknown timm model {name!r}{suggest(architecture, timm.list_models(), PREFIX + ':')} "
-                        f"(list them with: hpa list-models timm 'PATTERN')")
+    _check_name(timm, name)
     weights = options.weights
     kwargs = {key: value for key, value in options.extra.items() if value is not None}
     source = {"weights": "pretrained" if options.default_weights else weights}
     if options.random_init:
-        from hpa.backends.torch_models import seeded
-
-        model = seeded(lambda: _create(timm, name, pretrained=False, **kwargs), options.seed)
+        model = build(name, options)  # load = trace(build(...))
         source.update(weights="none", seed=options.seed)
     elif not options.default_weights:
         if not os.path.exists(weights):

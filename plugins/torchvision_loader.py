@@ -28,8 +28,8 @@ OPTIONS = (
 
 @hookimpl
 def register_loaders(register):
-    register(Loader(prefix=PREFIX, load=load, list_models=list_models, builds_init=True, options=OPTIONS,
-                    description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
+    register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
+                    options=OPTIONS, description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
 
 
 def list_models() -> list[str]:
@@ -38,22 +38,54 @@ def list_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def load(name: str, options: LoadOptions):
-    import torchvision
+def build(name: str, options: LoadOptions):
+    """The untrained module, seeded by ``options.seed``: ``-o`` keywords, and the first conv taking
+    ``options.input_size``'s channels (so a 1-channel task trains a torchvision architecture)."""
+    from hpa.backends.torch_models import seeded
 
-    from hpa.backends.torch_models import build_for_weights, looks_like_path, seeded
-    from hpa.backends.torch_trace import trace_module
+    builder_fn = _builder(name)
+    kwargs = {key: value for key, value in options.extra.items() if value is not None}
+    channels = options.input_size[0] if options.input_size else None
+    return seeded(lambda: _with_input_channels(_build(builder_fn, name, kwargs), channels), options.seed)
+
+
+def _builder(name: str):
+    import torchvision
 
     names = list_models()
     if name not in names:
         raise SpecError(f"unknown torchvision model {name!r}{suggest(name, names, PREFIX + ':')} "
                         f"(list them with: hpa list-models torchvision)")
-    builder_fn = torchvision.models.get_model_builder(name)
+    return torchvision.models.get_model_builder(name)
+
+
+def _with_input_channels(model, channels: int | None):
+    """``model`` whose first conv reads ``channels`` planes (a fresh conv of the same shape otherwise)."""
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if channels is None or first is None or first.in_channels == channels:
+        return model
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is first:
+                setattr(parent, child_name, nn.Conv2d(channels, first.out_channels, first.kernel_size, first.stride,
+                                                      first.padding, first.dilation, first.groups,
+                                                      first.bias is not None, first.padding_mode))
+                return model
+    return model
+
+
+def load(name: str, options: LoadOptions):
+    from hpa.backends.torch_models import build_for_weights, looks_like_path
+    from hpa.backends.torch_trace import trace_module
+
+    builder_fn = _builder(name)
     kwargs = {key: value for key, value in options.extra.items() if value is not None}
     weights = options.weights
     source = {"weights": weights or "DEFAULT"}
     if options.random_init:
-        model = seeded(lambda: _build(builder_fn, name, kwargs), options.seed)
+        model = build(name, options)  # load = trace(build(...))
         source.update(weights="none", seed=options.seed)
     elif not options.default_weights and (os.path.exists(weights) or looks_like_path(weights)):
         from hpa.backends.torch_files import read_state_dict

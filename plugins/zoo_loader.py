@@ -3,8 +3,8 @@
 Weights (``--weights``):
 
 * omitted (``DEFAULT``): the shipped trained weights, ``zoo/<NAME>.safetensors``;
-* ``none`` (``weights=None`` in Python): the initialisation, ``torch.manual_seed(recipe seed + --seed)`` then
-  build.  With the default ``--seed 0`` this is exactly the module training
+* ``none`` (``weights=None`` in Python): the initialisation ``hpa train --seed (recipe seed + --seed)``
+  starts from (``hpa_zoo.models.init``).  With the default ``--seed 0`` this is exactly the module training
   started from, so ``--compare-init`` compares the shipped weights with their
   true initialisation; any other ``--seed`` gives another random init;
 * a path: a local state_dict file for the same architecture (read without
@@ -30,6 +30,7 @@ def register_loaders(register):
     register(Loader(
         prefix=PREFIX,
         load=load,
+        build=build,
         list_models=list_models,
         builds_init=True,
         description="small CNNs trained by hpa's own recipe on scikit-learn's digits; offline",
@@ -41,6 +42,14 @@ def list_models() -> list[str]:
     from hpa_zoo.models import MODELS
 
     return sorted(name for name, config in MODELS.items() if config.weights_path.exists())
+
+
+def build(name: str, options: LoadOptions):
+    """The untrained module: ``torch.manual_seed(options.seed)``, then build (what ``hpa train --arch zoo:NAME``
+    trains; the trainer passes its own seed for the init stream)."""
+    from hpa_zoo.models import build_seeded
+
+    return build_seeded(_config(name).name, options.seed)
 
 
 def load(name: str, options: LoadOptions):
@@ -86,7 +95,8 @@ def _model(config, options: LoadOptions) -> tuple[Any, str]:
     if options.default_weights:
         if not config.weights_path.exists():
             raise LoadError(f"the zoo has no trained weights for {config.name} ({config.weights_path} is missing); "
-                            f"rebuild them with: python -m hpa_zoo.train {config.name} --out zoo/")
+                            f"rebuild them with: python -m hpa_zoo.train {config.name} --out zoo/ "
+                            "(it runs hpa train)")
         _load_state(model, _read_shipped(config.weights_path), config.weights_path)
         return model, "trained"
     if not (os.path.sep in weights or os.path.exists(weights) or "." in os.path.basename(weights)):

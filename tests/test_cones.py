@@ -1,4 +1,4 @@
-"""The cone statistics (STATISTICS.md §2) against a slow oracle written straight from the spec."""
+"""The cone statistics (docs/statistics.md §2) against a slow oracle written straight from the spec."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def random_pair(rng, f_low, c_low, f_up, groups, k_low, k_up, bias_scale=0.1):
 def module_kernels(module: nn.Module):
     """``(weight, biases, dilation, groups, rule)`` of a conv, read from the torch module.
 
-    Biases per single-channel kernel (STATISTICS.md §2 "Biases"): the channel-wise-ReLU
+    Biases per single-channel kernel (docs/statistics.md §2 "Biases"): the channel-wise-ReLU
     conv's own per-channel biases, otherwise the filter bias split evenly, ``b / C_g``.
     """
     weight = module.weight.detach().double().numpy()

@@ -5,7 +5,7 @@ same attributes, the same (folded) weights and biases element by element (a
 kernel read with H and W swapped keeps its cosines but not its weights), and
 per-filter cosines equal to within 1e-6.  Because the backends share
 ``hpa/fold.py``, the reference itself is checked against BatchNorm folding
-written from STATISTICS.md §0 with the torch modules' own tensors.
+written from docs/statistics.md §0 with the torch modules' own tensors.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def assert_same(reference, other, what: str, *, bn: bool = True, count: int | No
 
 
 def folded_by_the_spec(conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
-    """STATISTICS.md §0: ``s = gamma / sqrt(var + eps)``, ``w' = s w``, ``b' = (b - mean) s + beta``."""
+    """docs/statistics.md §0: ``s = gamma / sqrt(var + eps)``, ``w' = s w``, ``b' = (b - mean) s + beta``."""
     w = conv.weight.detach().double().numpy()
     b = np.zeros(w.shape[0]) if conv.bias is None else conv.bias.detach().double().numpy()
     if bn is None:

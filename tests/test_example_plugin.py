@@ -142,3 +142,61 @@ def test_library_use_example_runs(tmp_path):
     assert "conv4  n_l=" in proc.stdout
     assert (tmp_path / "out" / "digits_cnn.csv").exists()
     assert list((tmp_path / "out" / "digits_cnn").glob("*.png"))
+
+
+# -- a third-party training task: examples/hpa-stripes ------------------------------------------
+
+STRIPES = ROOT / "examples" / "hpa-stripes"
+
+
+@pytest.fixture(scope="module")
+def stripes_site(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("stripes-plugin")
+    source = shutil.copytree(STRIPES, work / "src")
+    target = work / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target
+
+
+def _hpa_with(site: Path, cwd: Path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "HPA_DISABLE_PLUGIN_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "hpa", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_an_installed_task_is_listed_and_trained_by_hpa_train(stripes_site, tmp_path):
+    proc = _hpa_with(stripes_site, tmp_path, "experiments", "--json")
+    assert proc.returncode == 0, proc.stderr
+    task = next(t for t in json.loads(proc.stdout) if t["name"] == "stripes")
+    assert task["architecture"] == "cifar:small_max" and task["num_classes"] == 3
+    proc = _hpa_with(stripes_site, tmp_path, "train", "--plugin", "stripes", "--epochs", "3", "--device", "cpu",
+                     "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["task"] == "stripes" and record["num_classes"] == 3
+    assert record["config"]["recipe"]["batch_size"] == 32  # the task's own recipe
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["test_accuracy"] > 0.6  # chance is 1/3: the stripes are learnt
+    # the same labels, recomputed here: the orientation of each image's stripes
+    sys.path.insert(0, str(stripes_site))
+    try:
+        import hpa_stripes
+
+        data = hpa_stripes.stripes(None, False)
+    finally:
+        sys.path.remove(str(stripes_site))
+    for image, label in zip(data.train_images[:, 0] > 0.5, data.train_labels):
+        uniform_rows = all(len(set(row)) == 1 for row in image)  # horizontal stripes
+        uniform_cols = all(len(set(col)) == 1 for col in image.T)  # vertical stripes
+        assert (label == 0) == uniform_rows and (label == 1) == uniform_cols
+
+
+def test_a_misspelt_task_suggests_the_installed_one(stripes_site, tmp_path):
+    proc = _hpa_with(stripes_site, tmp_path, "train", "--plugin", "stripe", "--out", tmp_path / "run")
+    assert_bad_input(proc, "did you mean 'stripes'")
+    assert not (tmp_path / "run").exists()

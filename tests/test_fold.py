@@ -1,4 +1,4 @@
-"""BatchNorm folding (STATISTICS.md §0): the folded layer computes conv + BN in eval mode."""
+"""BatchNorm folding (docs/statistics.md §0): the folded layer computes conv + BN in eval mode."""
 
 from __future__ import annotations
 

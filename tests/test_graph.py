@@ -361,7 +361,7 @@ def _torch_activation(name: str):
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_every_activation_acts_element_by_element(name):
-    """A plane keeps its size, and moving pixels commutes with the op (STATISTICS.md: stacked pairs)."""
+    """A plane keeps its size, and moving pixels commutes with the op (docs/statistics.md: stacked pairs)."""
     x = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(0))
     f = _torch_activation(name)
     rows, cols = torch.randperm(6), torch.randperm(8)

@@ -1,4 +1,4 @@
-"""The channel-wise-ReLU conv of seed 000 eq. (4) and the networks built from it."""
+"""The channel-wise-ReLU conv of Gamba et al. 2019 eq. (4) and the networks built from it."""
 
 from __future__ import annotations
 

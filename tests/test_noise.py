@@ -112,3 +112,56 @@ def test_gaussian_images_match_the_per_channel_moments_to_one_percent():
     assert np.all(np.abs(fake_mean - mean) <= 0.01 * np.abs(mean))
     assert np.all(np.abs(fake_std - std) <= 0.01 * std)
     assert fake.dtype == np.float32 and fake.shape == images.shape
+
+
+# -- corrupt_dataset: what the trainer applies to a stored Dataset ----------------------------
+
+def _dataset(train_images, test_images, num_classes=10):
+    from hpa.experiments.types import Dataset
+
+    rng = np.random.default_rng(11)
+    return Dataset(train_images, rng.integers(0, num_classes, len(train_images)),
+                   test_images, rng.integers(0, num_classes, len(test_images)), num_classes=num_classes)
+
+
+def test_corrupt_dataset_changes_only_the_training_part_of_the_labels():
+    from hpa.experiments.types import Noise
+
+    rng = np.random.default_rng(2)
+    dataset = _dataset(rng.random((600, 1, 4, 4)).astype(np.float32), rng.random((50, 1, 4, 4)).astype(np.float32))
+    train_index = np.sort(rng.permutation(600)[:500])
+    held_out = np.setdiff1d(np.arange(600), train_index)
+    out = noise.corrupt_dataset(dataset, Noise(label_noise=1.0, label_noise_mode="wrong"), train_index, seed=3)
+    assert np.all(out.train_labels[train_index] != dataset.train_labels[train_index])  # wrong, p = 1: all
+    assert np.array_equal(out.train_labels[held_out], dataset.train_labels[held_out])
+    assert np.array_equal(out.dataset.train_labels, dataset.train_labels)  # the split is drawn from these
+    assert out.dataset.test_labels is dataset.test_labels
+    assert out.report["labels_changed"] == 1.0 and out.report["n_train_labels"] == 500
+    assert out.report["pixels"] == "as stored" and out.dataset.train_images is dataset.train_images
+
+
+def test_corrupt_dataset_without_noise_keeps_everything():
+    from hpa.experiments.types import Noise
+
+    rng = np.random.default_rng(4)
+    dataset = _dataset(rng.random((30, 1, 4, 4)).astype(np.float32), rng.random((5, 1, 4, 4)).astype(np.float32))
+    out = noise.corrupt_dataset(dataset, Noise(), np.arange(25), seed=0)
+    assert np.array_equal(out.train_labels, dataset.train_labels) and out.report["labels_changed"] == 0.0
+    assert np.array_equal(out.dataset.test_images, dataset.test_images)
+
+
+def test_gaussian_images_of_uint8_data_are_float32_in_the_unit_scale():
+    from hpa.experiments.types import Noise
+
+    rng = np.random.default_rng(6)
+    train = np.stack([rng.integers(0, 100, (3000, 6, 6)), rng.integers(100, 256, (3000, 6, 6))], 1).astype(np.uint8)
+    test = rng.integers(0, 256, (1500, 2, 6, 6)).astype(np.uint8)
+    out = noise.corrupt_dataset(_dataset(train, test), Noise(gaussian_images=True), np.arange(3000), seed=1)
+    unit = train.astype(np.float64) / 255  # the scale the trainer normalises from
+    mean, std = unit.mean(axis=(0, 2, 3)), unit.std(axis=(0, 2, 3))
+    for images in (out.dataset.train_images, out.dataset.test_images):
+        assert images.dtype == np.float32 and images.shape[1:] == (2, 6, 6)
+        assert np.all(np.abs(images.mean(axis=(0, 2, 3), dtype=np.float64) - mean) <= 0.01 * mean)
+        assert np.all(np.abs(images.std(axis=(0, 2, 3), dtype=np.float64) - std) <= 0.01 * std)
+    assert np.allclose(out.report["gaussian_mean"], mean) and np.allclose(out.report["gaussian_std"], std)
+    assert not np.array_equal(out.dataset.train_images[:5], out.dataset.test_images[:5])

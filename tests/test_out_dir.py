@@ -334,7 +334,9 @@ def test_a_signal_during_the_write_keeps_the_old_result(signum, returncode, slow
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == returncode, stderr
-    assert "Traceback" not in stderr and stdout == ""
+    # The layer table may already be on stdout (results are shown as soon as they are ready),
+    # but nothing may claim that the folder was written.
+    assert "Traceback" not in stderr and "wrote" not in stdout
     assert not staging.exists()
     assert snapshot(work) == before  # the old result, whole; nothing half-written visible
 

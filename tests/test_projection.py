@@ -1,4 +1,4 @@
-"""The projection statistic against a direct per-filter loop and the invariances of STATISTICS.md §1."""
+"""The projection statistic against a direct per-filter loop and the invariances of docs/statistics.md §1."""
 
 from __future__ import annotations
 

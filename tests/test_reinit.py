@@ -114,9 +114,13 @@ def test_model_is_restored_after_the_sweep(run):
 def test_final_n_l_and_spearman(run, result):
     series = pd.read_csv(run / "series.csv").query(f"epoch == {EPOCHS}").set_index("layer")
     data = result.to_dict()
+    final = load_file(str(run / f"snapshots/epoch-{EPOCHS:03d}.safetensors"))
     for layer, value in data["final_n_l"].items():
         recorded = series.loc[layer, "projection.n_l"]
-        assert (value is None and np.isnan(recorded)) or value == pytest.approx(recorded, abs=1e-12)
+        if np.isnan(recorded):  # the run's scan skips a conv on a 1x1 plane: count sum(w) <= 0 by hand
+            weight = final[f"{layer}.weight"].double().flatten(1)
+            recorded = (weight.sum(1) <= 0).double().mean().item()
+        assert value == pytest.approx(recorded, abs=1e-12)
     from scipy.stats import spearmanr
 
     layers = [name for name, value in data["final_n_l"].items() if value is not None]
@@ -243,3 +247,89 @@ def test_library_raises_hpa_errors(run):
         reinit(run, epochs=[99])
     with pytest.raises(hpa.HpaError):
         reinit(run, draws=0)
+
+
+# -- BatchNorm: kept trained by default, reset with reset_bn ---------------------------------------
+
+def _bn_subject():
+    import copy
+
+    from torch import nn
+
+    from hpa.experiments.reinit import _Subject
+    from hpa.experiments.types import Dataset
+
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 8 * 8, 3))
+    with torch.no_grad():
+        for module in (trained[1],):
+            module.weight.uniform_(0.5, 2)
+            module.bias.uniform_(-1, 1)
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    earlier = copy.deepcopy(trained)
+    with torch.no_grad():
+        for tensor in earlier.state_dict().values():
+            if tensor.dtype.is_floating_point:
+                tensor.mul_(-0.7).add_(0.1)  # a different state, BatchNorm statistics included
+        earlier[1].running_var.uniform_(0.1, 0.4)  # a variance stays positive
+    structure = hpa.load(copy.deepcopy(trained), input_size=(1, 8, 8))
+    rng = np.random.default_rng(0)
+    images = rng.random((60, 1, 8, 8), dtype=np.float32)
+    labels = rng.integers(0, 3, 60)
+    dataset = Dataset(images, labels, images, labels, num_classes=3)
+    checkpoints = {0: {k: v.clone() for k, v in earlier.state_dict().items()}}
+    subject = _Subject(label="bn", seed=0, model=trained, structure=structure, dataset=dataset, task="bn",
+                       init="default", checkpoints=checkpoints)
+    return subject, copy.deepcopy(trained), earlier, images, labels
+
+
+@pytest.mark.parametrize("reset_bn", [False, True])
+def test_reset_bn_copies_the_batchnorm_only_when_asked(reset_bn):
+    from hpa.experiments.reinit import _Sweep
+
+    subject, trained, earlier, images, labels = _bn_subject()
+    keys = ["0.weight", "0.bias"] + (["1.weight", "1.bias", "1.running_mean", "1.running_var"] if reset_bn else [])
+    expected = trained
+    with torch.no_grad():
+        for key in keys:
+            expected.state_dict()[key].copy_(earlier.state_dict()[key])
+        logits = expected.eval()((torch.from_numpy(images) - 0.5) / 0.5)  # the Dataset's default mean and std
+    accuracy = (logits.argmax(1) == torch.from_numpy(labels)).double().mean().item()
+    loss = F.cross_entropy(logits.double(), torch.from_numpy(labels)).item()
+    sweep = _Sweep(subject, None, None, False, False, 1, reset_bn, torch.device("cpu"), 7)
+    with torch.no_grad():
+        (row,) = sweep.run(lambda line: None, False)
+    assert row["layer"] == "0" and row["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)
+    # and the model is left as trained
+    for key, value in _bn_subject()[1].state_dict().items():
+        torch.testing.assert_close(subject.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_pixel_noise_of_the_run_applies_to_the_test_split(run, tmp_path):
+    # A run trained with --shuffle-pixels was tested on shuffled images; reinit must evaluate the same.
+    from hpa.experiments.noise import shuffle_pixels
+
+    noisy = tmp_path / "noisy"
+    shutil.copytree(run, noisy)
+    record = json.loads((noisy / "run.json").read_text())
+    record["config"]["noise"] = {"shuffle_pixels": True, "noise_seed": 3}
+    (noisy / "run.json").write_text(json.dumps(record))
+    result = reinit(noisy, epochs=[EPOCHS], layers=["features.0"])
+    model = _fresh_small_max()
+    model.load_state_dict(load_file(str(run / f"snapshots/epoch-{EPOCHS:03d}.safetensors")))
+    images, labels = _digits_test_split()
+    shuffled = torch.from_numpy(shuffle_pixels(images.numpy(), 3))
+    with torch.no_grad():
+        logits = model.eval()((shuffled - 0.5) / 0.5)
+    assert result.trained["seed-0"]["accuracy"] == (logits.argmax(1) == labels).double().mean().item()
+
+
+def test_foreign_out_folder_is_refused_before_any_work(run, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "did not write" in _bad(capsys, run, "--out", foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

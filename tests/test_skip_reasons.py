@@ -55,7 +55,7 @@ def test_a_statistic_that_does_not_apply_says_why():
 
 
 def test_cones_list_linear_and_1d_layers():
-    """STATISTICS.md §2: "Every layer that cannot take part is listed with a reason"."""
+    """docs/statistics.md §2: "Every layer that cannot take part is listed with a reason"."""
     torch.manual_seed(0)
     with_linear = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1),
                                 nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
@@ -89,6 +89,8 @@ INDIRECT = {
     "hpa/backends/onnx*:_note_unknown:f'{op}: {WEIGHTED_UNSUPPORTED[op]}'": ("WEIGHTED_UNSUPPORTED",),
     # a result read back from JSON: it re-creates reasons a scan emitted, it emits none of its own
     "hpa/result.py:_restore_skipped:entry['reason']": (),
+    # a run's graph.json read back: it re-creates the loader's reasons, it emits none of its own
+    "hpa/experiments/open_run.py:structure_from_record:s['reason']": (),
 }
 
 #: Reason site -> (test that makes hpa emit it and checks it in ``skipped``, text that test checks).
@@ -436,7 +438,7 @@ def cone_reasons(*layers):
 
 
 def test_cone_pairs_need_known_connectivity_strides_groups_and_planes():
-    """STATISTICS.md §2 "Which layer pairs": both stride 1, on the same plane, one conv feeding the next."""
+    """docs/statistics.md §2 "Which layer pairs": both stride 1, on the same plane, one conv feeding the next."""
     first = conv_layer("first", 0, 2, 4, "input")
     reasons = cone_reasons(first, conv_layer("ghostly", 1, 4, 4, "ghost"))
     assert "its input comes from ghost, which is not a layer of the graph" in reasons["ghostly"]
@@ -453,7 +455,7 @@ def test_cone_pairs_need_known_connectivity_strides_groups_and_planes():
 
 
 def test_cone_pairs_need_a_2d_conv_below():
-    """STATISTICS.md §2: a pair is "two convs where the input of l+1 is the output of l"."""
+    """docs/statistics.md §2: a pair is "two convs where the input of l+1 is the output of l"."""
     linear = hpa.Layer(name="fc", index=0, kind="linear", weight=np.ones((32, 8)), predecessors=("input",),
                        via={"input": ()})
     reasons = cone_reasons(linear, conv_layer("up", 1, 2, 4, "fc", via=("view",)))

@@ -194,3 +194,18 @@ def test_scan_result_repr_is_a_short_summary_and_html_a_table():
     for layer in result.graph:
         assert f"<td>{layer.name}</td>" in html
     assert "<caption>" in html and "n_l" in html
+
+
+def test_the_cone_report_fits_100_columns_and_keeps_std_for_the_files():
+    """Long pair names are shortened, stds go to pairs.csv; the means shown are the JSON's."""
+    model = _Deep()
+    result = hpa.scan(model, statistics=["cones"], input_size=(3, 8, 8), compare_init=True)
+    text = render_scan(result)
+    report = text[text.index("cone pairs"):].split("\n\n")[0].splitlines()
+    assert max(len(line) for line in report) <= 100
+    (pair,) = result.to_dict()["pairs"]
+    row = next(line for line in report if "->" in line and "…" in line)
+    assert row.split()[-1] == f"{pair['rotation']['mean']:.3f}"
+    assert "±" not in "\n".join(report)
+    tables = result.extra_tables()
+    assert any("rotation.std" in key or "std" in key for key in tables["pairs.csv"][0])

@@ -1,4 +1,4 @@
-"""Exact ties and boundaries of every comparison in STATISTICS.md.
+"""Exact ties and boundaries of every comparison in docs/statistics.md.
 
 Each case is built from small integers (or values whose float32 sum is exactly
 zero), so the tie holds exactly in float64 and the spec alone decides the

@@ -145,7 +145,7 @@ def test_series_n_l_equals_numpy_on_the_saved_snapshot_and_moves_from_init(run_h
             expected = float(np.mean(weight[live].sum(axis=1) <= 0))  # the sign of c_i is that of sum(w_i)
             assert n_l[(epoch, layer["name"])] == pytest.approx(expected, abs=1e-12)
     later = [layer["name"] for layer in convs[1:]]
-    assert max(n_l[(6, name)] - n_l[(0, name)] for name in later) > 0.1  # toward 1, as in seed 004
+    assert max(n_l[(6, name)] - n_l[(0, name)] for name in later) > 0.1  # toward 1, as in Gamba et al. 2020
     stats = json.loads((run / "stats" / "epoch-006.json").read_text())
     assert stats["layers"][1]["statistics"]["projection"]["distance_from_init"]["relative_l2"] > 0
 

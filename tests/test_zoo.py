@@ -1,9 +1,10 @@
-"""The embedded zoo: really trained weights, a faithful loader, the true init, a recipe that runs."""
+"""The embedded zoo: really trained (by hpa train) weights, a faithful loader, the true init, a recipe that runs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def held_out_digits(record: dict):
     _, x_test, _, y_test = train_test_split(digits.images, digits.target, test_size=split["test_size"],
                                             random_state=split["random_state"], stratify=digits.target)
     assert len(y_test) == split["n_test"]
-    return torch.tensor(x_test / 16.0, dtype=torch.float32)[:, None], torch.tensor(y_test)
+    mean, std = record["normalisation"]["mean"][0], record["normalisation"]["std"][0]
+    return torch.tensor((x_test / 16.0 - mean) / std, dtype=torch.float32)[:, None], torch.tensor(y_test)
 
 
 def shipped_module(name: str) -> torch.nn.Module:
@@ -93,7 +95,7 @@ def test_shipped_record_describes_the_files(name):
     assert record["name"] == name and record["input_size"] == list(config.input_size)
     assert record["seed"] == config.seed and record["command"] == f"python -m hpa_zoo.train {name} --out zoo/"
     assert record["recipe"]["epochs"] == config.recipe.epochs and record["torch_version"]
-    assert record["init"]["equals_build_seed"] is True
+    assert record["train_command"].startswith(f"hpa train --plugin digits --arch zoo:{name} --seed {config.seed} ")
     assert record["weights_sha256"] == hashlib.sha256(config.weights_path.read_bytes()).hexdigest()
     assert record["n_parameters"] < 100_000
 
@@ -128,8 +130,10 @@ def test_no_fold_bn_gives_the_raw_conv_weights():
 
 
 def test_weights_none_is_the_training_init():
+    from hpa.experiments.data import stream_seed
+
     config = models.MODELS["digits_cnn"]
-    torch.manual_seed(config.seed)  # the recipe's rule, applied here by hand
+    torch.manual_seed(stream_seed(config.seed, "init"))  # hpa train's init stream, applied here by hand
     fresh = config.build()
     graph = hpa.load("zoo:digits_cnn", weights="none", fold_bn=False)
     for name in ("conv1", "conv2", "conv3", "conv4", "fc"):
@@ -147,7 +151,9 @@ def test_weights_none_is_the_training_init():
 def test_compare_init_scans_the_training_init():
     result = hpa.scan("zoo:digits_cnn", statistics=["projection"], compare_init=True)
     assert result.graph.source["weights"] == "trained" and result.init.source["weights"] == "init"
-    torch.manual_seed(models.MODELS["digits_cnn"].seed)
+    from hpa.experiments.data import stream_seed
+
+    torch.manual_seed(stream_seed(models.MODELS["digits_cnn"].seed, "init"))
     fresh = models.MODELS["digits_cnn"].build()
     np.testing.assert_array_equal(result.init["conv3"].weight, fresh.conv3.weight.detach().numpy())
 
@@ -198,7 +204,6 @@ def test_training_recipe_runs_and_its_file_loads(tmp_path, capsys):
     assert train.main(["digits_cnn", "--out", str(tmp_path), "--epochs", "1"]) == 0
     record = json.loads((tmp_path / "digits_cnn.json").read_text())
     assert record["recipe"]["epochs"] == 1 and record["command"].endswith("--epochs 1")
-    assert record["init"]["equals_build_seed"] is True
     assert record["init"]["tensor_sums"] == models.MODELS["digits_cnn"].metadata()["init"]["tensor_sums"]
     assert 0.1 < record["test_accuracy"] <= 1.0
     graph = hpa.load("zoo:digits_cnn", weights=str(tmp_path / "digits_cnn.safetensors"))
@@ -207,12 +212,32 @@ def test_training_recipe_runs_and_its_file_loads(tmp_path, capsys):
     assert "digits_cnn: test accuracy" in capsys.readouterr().out
 
 
-def test_training_leaves_the_callers_rng_and_threads_alone():
+def test_training_leaves_the_callers_rng_and_threads_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     threads = torch.get_num_threads()
     torch.manual_seed(123)
     models.init("digits_cnn")
     assert torch.equal(torch.rand(3), expected)
-    train.train("digits_cnn", epochs=1, log=lambda text: None)
+    train.train("digits_cnn", tmp_path / "run", epochs=1)
     assert torch.get_num_threads() == threads
+    torch.manual_seed(123)
+    train.train("digits_cnn", tmp_path / "again", epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hpa_train_reproduces_the_shipped_weights_byte_for_byte(name, run_hpa, tmp_path):
+    """The zoo comes from the trainer: its recorded 'hpa train' command gives the shipped file's sha256."""
+    record = models.MODELS[name].metadata()
+    if record["torch_version"] != torch.__version__.split("+")[0]:  # the local tag (+cu132, +cpu) aside
+        pytest.skip(f"bitwise on the torch that trained the zoo ({record['torch_version']}), not {torch.__version__}")
+    args = shlex.split(record["train_command"])[1:]
+    args[args.index("RUN")] = str(tmp_path / "run")
+    proc = run_hpa(*args, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    final = tmp_path / "run" / "snapshots" / f"epoch-{record['recipe']['epochs']:03d}.safetensors"
+    digest = hashlib.sha256(final.read_bytes()).hexdigest()
+    assert digest == record["weights_sha256"] == hashlib.sha256(models.MODELS[name].weights_path.read_bytes()).hexdigest()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["test_accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-6)

@@ -4,10 +4,12 @@ Every model here is small, trains on CPU in seconds from a dataset that ships
 inside scikit-learn, and has its trained weights stored next to this file as
 ``<name>.safetensors`` with a ``<name>.json`` record of how they were made.
 
-The initial weights are part of the recipe: ``init(name)`` seeds torch with
-the config's ``seed`` and builds the model.  Training starts from exactly that
-module, so ``hpa scan zoo:NAME --compare-init`` compares the shipped weights
-with the true initialisation they were trained from.
+The weights are trained by hpa's own trainer (``hpa train --plugin digits
+--arch zoo:NAME``, see ``zoo/train.py``), and the initial weights are part of
+the recipe: ``init(name)`` seeds torch as the trainer does for the config's
+``seed`` and builds the model.  Training starts from exactly that module,
+so ``hpa scan zoo:NAME --compare-init`` compares the shipped weights with the
+true initialisation they were trained from.
 
 torch is imported inside the builders, so listing the zoo stays cheap.
 """
@@ -24,17 +26,28 @@ ZOO_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the shipped weights were trained (zoo/train.py)."""
+    """How the shipped weights were trained: ``hpa train --plugin digits --arch zoo:NAME`` with these flags."""
 
-    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     lr: float = 0.05  # learning rate, constant
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4
     epochs: int = 30
     batch_size: int = 64
-    test_size: float = 0.25  # held-out fraction of the dataset (stratified)
-    split_seed: int = 0  # random_state of sklearn's train_test_split
-    preprocess: str = "pixels / 16"  # digits pixels are 0..16 -> [0, 1]
+    schedule: str = "constant"  # no decay
+    init: str = "default"  # the modules' own init, under init()'s seeding
+    shift: int = 0  # no augmentation
+    flip: bool = False
+    validation: float = 0.0  # train on the digits task's whole 75 % training split
+
+    def flags(self) -> list[str]:
+        """The ``hpa train`` flags of this recipe."""
+        out = []
+        for name, value in vars(self).items():
+            if isinstance(value, bool):
+                out.append(f"--{'' if value else 'no-'}{name}")
+            else:
+                out += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+        return out
 
 
 @dataclass(frozen=True)
@@ -130,16 +143,23 @@ def get(name: str) -> ZooConfig:
 
 
 def init(name: str, seed: int | None = None):
-    """The model of ``name`` initialised under ``seed`` (default: the recipe's seed).
+    """The model of ``name`` as ``hpa train --seed SEED`` initialises it (default: the recipe's seed).
 
-    ``init(name)`` is the exact module training started from.
+    ``init(name)`` is the exact module the shipped weights were trained from.
     """
-    import torch
+    from hpa.experiments.data import stream_seed
 
     config = get(name)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-        torch.manual_seed(config.seed if seed is None else seed)
-        return config.build()
+    return build_seeded(name, stream_seed(config.seed if seed is None else seed, "init"))
+
+
+def build_seeded(name: str, torch_seed: int):
+    """``torch.manual_seed(torch_seed)``, then build (the caller's RNG is left alone)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        return get(name).build()
 
 
 def trained(name: str):

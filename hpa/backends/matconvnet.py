@@ -22,7 +22,7 @@ Conventions converted here:
   ``stride``/``dilate`` are scalars or pairs; groups are Cin / the weight's Cin.
 * ``bnorm`` moments are ``[mean, sigma]`` with sigma = sqrt(var + eps) already
   applied, and MatConvNet computes gamma * (x - mean) / sigma + beta, so the fold
-  (STATISTICS.md §0) uses scale = gamma / sigma exactly.
+  (docs/statistics.md §0) uses scale = gamma / sigma exactly.
 
 Memory: scipy materialises every array once.  Conv weights are handed on as
 (Cout, Cin, H, W) views of that memory; folded layers replace theirs.

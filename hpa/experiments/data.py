@@ -59,12 +59,28 @@ class Split:
 
 
 class DeviceData:
-    """The train, validation and test splits of a Dataset, resident on ``device``."""
+    """The train, validation and test splits of a Dataset, resident on ``device``.
 
-    def __init__(self, dataset: Dataset, recipe: Recipe, seed: int, device: torch.device) -> None:
+    With ``shard=(rank, world)`` (one process of a distributed run) the training split stays
+    on the host and each epoch only this rank's part of every global batch is moved to the
+    device: the global batches are those of a single process, each rank holds one
+    ``tensor_split`` slice of each.
+    """
+
+    def __init__(self, dataset: Dataset, recipe: Recipe, seed: int, device: torch.device,
+                 shard: tuple[int, int] | None = None, train_labels: np.ndarray | None = None) -> None:
+        # train_labels (label noise): the labels to train on, aligned with dataset.train_labels.  The
+        # split is drawn from the stored labels, so validation keeps them and the split never moves.
         train_idx, val_idx = stratified_split(dataset.train_labels, recipe.validation, seed)
         self.device = device
-        self.train = self._split(dataset.train_images[train_idx], dataset.train_labels[train_idx])
+        self.shard = shard
+        trained_on = dataset.train_labels if train_labels is None else train_labels
+        images, labels = dataset.train_images[train_idx], trained_on[train_idx]
+        if shard is None:
+            self.train = self._split(images, labels)
+        else:  # host tensors: a rank's epoch shard is gathered from them (see train_batches)
+            self.train = Split(torch.from_numpy(np.ascontiguousarray(images)),
+                               torch.from_numpy(np.asarray(labels, dtype=np.int64)))
         self.validation = self._split(dataset.train_images[val_idx], dataset.train_labels[val_idx])
         self.test = self._split(dataset.test_images, dataset.test_labels)
         self.scale = 1 / 255 if dataset.train_images.dtype == np.uint8 else 1.0
@@ -80,25 +96,76 @@ class DeviceData:
         """Raw stored pixels -> the network's input: scale to [0, 1], subtract mean, divide by std."""
         return (raw.float() * self.scale - self.mean) / self.std
 
-    def batch_order(self, seed: int, epoch: int, batch_size: int) -> list[torch.Tensor]:
-        """The epoch's training batches as index tensors on the device (the last may be smaller)."""
+    def batch_order(self, seed: int, epoch: int, batch_size: int, device=None) -> list[torch.Tensor]:
+        """The epoch's global training batches as index tensors on ``device`` (default: the data's).
+
+        The last batch may be smaller.
+        """
         order = torch.randperm(len(self.train), generator=generator(seed, "shuffle", epoch))
-        return list(order.to(self.device).split(batch_size))
+        return list(order.to(device or self.device).split(batch_size))
+
+    def train_batches(self, seed: int, epoch: int, batch_size: int):
+        """Yield ``Batch``es of this process's part of every global batch of ``epoch``, on the device."""
+        if self.shard is None:
+            for index in self.batch_order(seed, epoch, batch_size):
+                yield Batch(self.train.images[index], self.train.labels[index], len(index), slice(None))
+            return
+        rank, world = self.shard
+        order = self.batch_order(seed, epoch, batch_size, device="cpu")
+        parts = [index.tensor_split(world)[rank] for index in order]
+        # One host gather and one transfer per epoch: the rank's shard, in batch order.
+        mine = torch.cat(parts)
+        images = self.train.images[mine].to(self.device)
+        labels = self.train.labels[mine].to(self.device)
+        start = 0
+        for index, part in zip(order, parts):
+            offsets = _part_bounds(len(index), world, rank)
+            yield Batch(images[start:start + len(part)], labels[start:start + len(part)], len(index),
+                        slice(*offsets))
+            start += len(part)
+
+
+@dataclass
+class Batch:
+    """This process's rows of one global training batch."""
+
+    images: torch.Tensor  # raw stored pixels, on the device
+    labels: torch.Tensor
+    total: int  # rows of the global batch (all processes together)
+    part: slice  # which rows of the global batch these are (for the augmentation draws)
+
+
+def _part_bounds(length: int, world: int, rank: int) -> tuple[int, int]:
+    """(start, stop) of ``rank``'s rows when ``length`` rows are split as ``tensor_split`` does."""
+    base, extra = divmod(length, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def augment_draws(batch: int, shift: int, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(dy, dx, flips) of a ``batch``-image batch, drawn from ``gen`` in a fixed order (CPU tensors)."""
+    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
+    dx = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
+    flips = torch.rand(batch, generator=gen) < 0.5
+    if not flip:
+        flips = torch.zeros_like(flips)
+    return dy, dx, flips
 
 
 def augment(images: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
     """Flip about half of the images, then shift each by up to ±``shift`` pixels (zero fill), in one gather.
 
     ``images`` is a float batch (B, C, H, W) in [0, 1] (before normalisation, so the fill is black).
-    The random draws come from the CPU generator ``gen`` in a fixed order.
+    The random draws come from the CPU generator ``gen`` in a fixed order (:func:`augment_draws`).
     """
+    return shift_and_flip(images, shift, augment_draws(len(images), shift, flip, gen))
+
+
+def shift_and_flip(images: torch.Tensor, shift: int, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """:func:`augment` with given draws (one row of ``draws`` per image)."""
     batch, _, height, width = images.shape
-    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
-    dx = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
-    flips = torch.rand(batch, generator=gen) < 0.5
-    if not flip:
-        flips = torch.zeros_like(flips)
-    if shift == 0 and not flip:
+    dy, dx, flips = draws
+    if shift == 0 and not bool(flips.any()):
         return images
     device = images.device
     dy, dx, flips = dy.to(device), dx.to(device), flips.to(device)

@@ -1,4 +1,4 @@
-"""Corrupted data for the noise experiments (seed 004 Fig. 6 and A.6, after Zhang et al. 2017).
+"""Corrupted data for the noise experiments (Gamba et al. 2020 Fig. 6 and A.6, after Zhang et al. 2017).
 
 Pure, seeded functions of numpy arrays: any task gets every kind of noise, and the
 same ``seed`` always corrupts the same labels and pixels.  Each kind draws from its own
@@ -10,9 +10,13 @@ split (the caller passes each split through the same function and seed).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from typing import Any
+
 import numpy as np
 
-LABEL_NOISE_MODES = ("uniform", "wrong")
+from hpa.experiments.types import LABEL_NOISE_MODES, Dataset, Noise
 _STREAMS = {"labels": 1, "shuffle_pixels": 2, "random_pixels": 3, "gaussian": 4}
 _CHUNK = 4096  # images per block when drawing per-image permutations (bounds memory)
 
@@ -86,3 +90,60 @@ def gaussian_images(shape: tuple[int, ...], mean: np.ndarray, std: np.ndarray, s
     noise = rng.standard_normal(shape, dtype=np.float32)
     per_channel = (1, -1) + (1,) * (len(shape) - 2)
     return noise * np.asarray(std, np.float32).reshape(per_channel) + np.asarray(mean, np.float32).reshape(per_channel)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyData:
+    """A dataset after :func:`corrupt_dataset`."""
+
+    dataset: Dataset  # pixels corrupted in every split; labels as stored (the validation split is drawn from them)
+    train_labels: np.ndarray  # the labels trained on, aligned with dataset.train_labels (validation ones clean)
+    report: dict[str, Any]  # what was done and how much changed, for run.json
+
+
+def corrupt_dataset(dataset: Dataset, noise: Noise, train_index: np.ndarray, seed: int) -> NoisyData:
+    """Apply ``noise`` once to the stored ``dataset``, before any augmentation.
+
+    ``train_index``: the positions of the training part in ``dataset.train_labels`` (the rest is
+    the validation split).  Only those labels are corrupted, so validation and test labels
+    stay clean and generalisation stays measurable.  ``seed`` is the seed of every draw (the
+    caller resolves ``noise.noise_seed``); the same seed and split corrupt the same labels.
+    """
+    labels = np.asarray(dataset.train_labels, dtype=np.int64)
+    trained = labels.copy()
+    report: dict[str, Any] = {"seed": int(seed), "n_train_labels": int(len(train_index))}
+    if noise.label_noise > 0:
+        noisy, changed = corrupt_labels(labels[train_index], noise.label_noise, dataset.num_classes, seed,
+                                        noise.label_noise_mode)
+        trained[train_index] = noisy
+        report["labels_changed"] = changed
+    else:
+        report["labels_changed"] = 0.0
+    # A checksum of the labels actually trained on: two runs corrupted the same labels iff they agree.
+    report["train_labels_sha256"] = hashlib.sha256(trained[train_index].astype("<i8").tobytes()).hexdigest()
+    images, pixel_report = _corrupt_pixels(dataset, noise, seed)
+    report.update(pixel_report)
+    corrupted = dataclasses.replace(dataset, train_images=images[0], test_images=images[1])
+    return NoisyData(corrupted, trained, report)
+
+
+def _corrupt_pixels(dataset: Dataset, noise: Noise, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """(train images, test images) after the pixel corruption, and its record.
+
+    The validation split is carved from the training images later, so it is corrupted with them.
+    """
+    train, test = dataset.train_images, dataset.test_images
+    kind = noise.pixel_corruption
+    if kind == "shuffle_pixels":
+        return (shuffle_pixels(train, seed), shuffle_pixels(test, seed)), {"pixels": "one permutation"}
+    if kind == "random_pixels":
+        return (random_pixels(train, seed, split=0), random_pixels(test, seed, split=1)), \
+            {"pixels": "one permutation per image"}
+    if kind == "gaussian_images":
+        # Moments in the [0, 1] scale the trainer normalises from, so uint8 data gives float32 in that scale.
+        scale = 1 / 255 if train.dtype == np.uint8 else 1.0
+        mean, std = (moment * scale for moment in channel_moments(train))
+        images = (gaussian_images(train.shape, mean, std, seed, split=0),
+                  gaussian_images(test.shape, mean, std, seed, split=1))
+        return images, {"pixels": "gaussian", "gaussian_mean": mean.tolist(), "gaussian_std": std.tolist()}
+    return (train, test), {"pixels": "as stored"}

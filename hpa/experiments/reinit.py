@@ -1,4 +1,4 @@
-"""``hpa reinit``: which layers are critical (seed 004 §3.3 and Fig. 2, after Zhang, Bengio and Singer 2019).
+"""``hpa reinit``: which layers are critical (Gamba et al. 2020 §3.3 and Fig. 2, after Zhang, Bengio and Singer 2019).
 
 For every chosen layer and checkpoint, the trained model's layer is set to the
 checkpoint's tensors, the model is evaluated on the task's test split, and the
@@ -19,6 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,12 +82,16 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
 
     if draws < 1:
         raise OptionError(f"--draws must be a positive number of draws, not {draws}")
+    if rerandomize and epochs is not None:
+        raise OptionError("--epochs does not apply with --rerandomize (layers are drawn fresh, not reset to a "
+                          "checkpoint); leave out one of them")
     progress = progress or (lambda line: None)
     device = _device(device)
     subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device)
     rows, trained, n_l = [], {}, {}
     with torch.no_grad():  # not inference_mode: --rerandomize initialises copies of modules in place
-        for subject in subjects:
+        for make_subject in subjects:  # one model in memory at a time
+            subject = make_subject()
             sweep = _Sweep(subject, epochs, layers, with_linear, rerandomize, draws, reset_bn, device, batch_size,
                            draw_seed=seed)
             rows += sweep.run(progress, len(subjects) > 1)
@@ -100,13 +105,9 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
 def _device(name: str):
     import torch
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"--device {name} asked for CUDA, but torch sees no GPU here; use --device cpu")
-    return device
+    from hpa.experiments.train import resolve_device
+
+    return torch.device(resolve_device(name))
 
 
 def parse_epochs(text: str | None) -> list[int] | None:
@@ -128,25 +129,26 @@ def result_folder(run_or_spec, out) -> Path:
 
     if out is None:
         if not Path(run_or_spec).expanduser().is_dir():
-            raise OptionError(f"{run_or_spec} is not a run folder, so there is no default result folder; "
-                              "give --out DIR")
+            raise OptionError(f"{run_or_spec} is not a folder, so there is no default result folder; give an "
+                              "'hpa train' run folder, or a spec with --weights FILE --plugin TASK --out DIR")
         out = Path(run_or_spec).expanduser() / "reinit"
     return check_output_dir(out)
 
 
 # -- the subjects: run folders or a spec ---------------------------------------------------------
 
-def _subjects(run_or_spec, *, weights, plugin, data, seed, device) -> list[_Subject]:
+def _subjects(run_or_spec, *, weights, plugin, data, seed, device) -> list[Callable[[], _Subject]]:
+    """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time."""
     path = Path(run_or_spec).expanduser()
     if path.is_dir():
         if weights is not None or plugin is not None:
             raise OptionError(f"{path} is a run folder: its task and snapshots are recorded; leave out "
                               "--weights and --plugin")
-        return [_subject_from_run(folder, device, data) for folder in _run_folders(path)]
+        return [partial(_subject_from_run, folder, device, data) for folder in _run_folders(path)]
     if plugin is None:
         raise OptionError(f"{run_or_spec} is neither a run folder nor usable without a task; give an "
                           "'hpa train' run folder, or a spec with --weights FILE --plugin TASK")
-    return [_subject_from_spec(str(run_or_spec), weights, plugin, data, seed, device)]
+    return [partial(_subject_from_spec, str(run_or_spec), weights, plugin, data, seed, device)]
 
 
 def _run_folders(path: Path) -> list[Path]:
@@ -155,10 +157,11 @@ def _run_folders(path: Path) -> list[Path]:
 
     if is_multi_seed(path):
         seeds = json.loads((path / SEEDS_JSON).read_text())["seeds"]
-        folders = [path / f"seed-{s}" for s in seeds if (path / f"seed-{s}" / RUN_JSON).is_file()]
-        if not folders:
-            raise ReinitError(f"{path} lists seeds {seeds} but holds no finished seed-N run; train them first")
-        return folders
+        missing = [f"seed-{s}" for s in seeds if not (path / f"seed-{s}" / RUN_JSON).is_file()]
+        if missing:  # refused rather than left out of the mean silently
+            raise ReinitError(f"{path} lists {', '.join(missing)} but holds no run there; finish them with "
+                              f"'hpa train --resume {path}', or give one seed-N folder")
+        return [path / f"seed-{s}" for s in seeds]
     if not (path / RUN_JSON).is_file():
         raise ReinitError(f"{path} is not an hpa run folder (no {RUN_JSON}); give the --out folder of "
                           "'hpa train', or a spec with --weights FILE --plugin TASK")
@@ -189,13 +192,20 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
     config = record["config"]
     task = get_task(config["task"])
     data = data if data is not None else record.get("data_dir")
-    dataset = task.dataset(None if data is None else Path(data), False)
+    dataset = _as_trained(task.dataset(None if data is None else Path(data), False), record)
     model, structure = build_model(config["arch"], dataset, config["seed"], config["recipe"]["init"], task.name)
     final = max(saved)
     _load_state(model, _read_snapshot(saved[final]), saved[final])
     return _Subject(label=folder.name if folder.name.startswith("seed-") else f"seed-{config['seed']}",
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
                     task=task.name, init=config["recipe"]["init"], checkpoints=dict(saved))
+
+
+def _as_trained(dataset, record: dict):
+    """The dataset as the run saw it (its recorded noise applied); only the test split's pixels matter here."""
+    from hpa.experiments.train import config_from_record, corrupted_dataset
+
+    return corrupted_dataset(dataset, config_from_record(record)).dataset
 
 
 def _subject_from_spec(spec: str, weights, plugin: str, data, seed: int, device) -> _Subject:
@@ -374,7 +384,9 @@ class _Sweep:
             graph = rebind(self.subject.structure, state)
         except LoadError:  # a layer computed in the forward pass: trace the trained module instead
             graph = hpa.load(self.subject.model, input_size=self.subject.dataset.input_size)
-        result = hpa.analyse(graph, statistics=["projection"])
+        # with_linear: a swept layer gets its n_l even where scans skip it by default (a linear
+        # layer, or a conv on a 1x1 plane, which acts as one).
+        result = hpa.analyse(graph, statistics=["projection"], with_linear=True)
         rows = {row["name"]: row.get("projection.n_l") for row in result.layer_rows()}
         return {layer.name: rows.get(layer.name) for layer in self.layers}
 
@@ -544,6 +556,7 @@ class ReinitResult:
         return {"source": self.source, "options": self.options, "trained": self.trained,
                 "layers": self.layers(), "epochs": self.epochs(),
                 "final_n_l": {layer: self._mean_n_l(layer) for layer in self.layers()},
+                "n_l_source": "projection statistic of the trained model (BatchNorm folded), mean over seeds",
                 "per_seed_n_l": self.n_l, "criticality": self.criticality(),
                 # Layers the projection statistic gives no n_l (e.g. a conv on a 1x1 plane): left out
                 # of the correlation, listed so that nothing is dropped silently.

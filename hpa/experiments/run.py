@@ -45,9 +45,14 @@ class RunDir:
     def check_new(path: str | os.PathLike) -> Path:
         """``path`` if a run may be created there (absent or an empty folder), else an HpaError."""
         path = Path(path).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise HpaError(f"the run folder {path} is a file, not a folder; choose a new --out")
+        if path.exists() and any(path.iterdir()):
             raise HpaError(f"the run folder {path} already exists; continue it with --resume {path}, "
                            "or choose a new --out")
+        from hpa.files import check_output_dir
+
+        check_output_dir(path, what="run folder")  # impossible places: under a file, /proc, the cwd, read-only
         return path
 
     @classmethod
@@ -120,6 +125,50 @@ class RunDir:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise LoadError(f"{path} is unreadable ({type(exc).__name__}); the run cannot be resumed") from None
+
+    def resume_state(self) -> tuple[dict[str, Any], str | None]:
+        """The state to resume from, and a one-line note when it is not simply ``state/last.pt``.
+
+        A damaged file (a truncated copy, a full disk) never stops a resume:
+        a damaged snapshot of the state's own epoch is rewritten from the state
+        (the same tensors, so nothing changes); an unreadable state falls back to
+        the last good snapshot that has its metrics line, with the optimizer's
+        momentum starting afresh.  Raises only when no epoch at all is usable.
+        """
+        try:
+            state = self.read_state()
+        except LoadError as exc:
+            return self._fall_back(str(exc))
+        epoch = int(state["epoch"])
+        path = self.path / snapshot_name(epoch)
+        if path.exists() and not self.snapshot_is_good(epoch):
+            self.write_snapshot(epoch, state["model"])
+            return state, (f"{path} was damaged; rewrote it from {self.path / STATE} (the same weights) "
+                           f"and resumed after epoch {epoch}")
+        return state, None
+
+    def snapshot_is_good(self, epoch: int) -> bool:
+        """True when the snapshot of ``epoch`` exists and reads back whole."""
+        from safetensors.numpy import load_file
+
+        try:
+            load_file(str(self.path / snapshot_name(epoch)))
+        except Exception:  # missing, truncated or not safetensors at all
+            return False
+        return True
+
+    def _fall_back(self, reason: str) -> tuple[dict[str, Any], str]:
+        from safetensors.torch import load_file
+
+        logged = [m["epoch"] for m in self.metrics() if m.get("snapshot")]
+        good = [epoch for epoch in sorted(logged, reverse=True) if self.snapshot_is_good(epoch)]
+        if not good:
+            raise LoadError(f"{reason}, and no snapshot is readable either; delete {self.path} and start again")
+        epoch = good[0]
+        state = {"epoch": epoch, "model": load_file(str(self.path / snapshot_name(epoch))), "optimizer": None}
+        return state, (f"{self.path / STATE} is unusable; fell back to the last good epoch, {epoch} "
+                       "(its snapshot), with the optimizer's momentum restarted, so later epochs differ "
+                       "from an uninterrupted run")
 
     def truncate_to(self, epoch: int) -> None:
         """Drop what a killed run wrote after ``epoch``, the last complete one (all of it hpa's own)."""

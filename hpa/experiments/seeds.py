@@ -79,7 +79,9 @@ def _recorded_options(folder: Path) -> dict[str, Any]:
     config = record["config"]
     return {"task": config["task"], "arch": config["arch"], "device": config["device"],
             "snapshot_every": config["snapshot_every"], "statistics": config.get("statistics", ()),
-            "data": record.get("data_dir"), **config["recipe"]}
+            "data": record.get("data_dir"), "recipe_name": config.get("recipe_name"),
+            "precision": config.get("precision"), "compiled": config.get("compiled"), **config.get("noise", {}),
+            **config["recipe"]}
 
 
 def _given(given: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +94,14 @@ def write_summary(out: Path, seeds: list[int]) -> None:
     metrics = {seed: _read_metrics(out / f"seed-{seed}" / "metrics.jsonl") for seed in seeds}
     summary = {"seeds": seeds, "metrics": _mean_std(metrics, ("epoch",))}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    _write_figures(out)
+
+
+def _write_figures(out: Path) -> None:
+    """OUT/figures/: each curve's mean over the seeds with a ±1 std band (Gamba et al. 2020 Fig. 7)."""
+    from hpa.experiments.open_run import open_run
+
+    open_run(out).plot()
 
 
 def _mean_std(per_seed: dict[int, list[dict[str, Any]]], keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -13,9 +13,9 @@ import copy
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from hpa.errors import LoadError
+from hpa.errors import LoadError, OptionError
 from hpa.files import atomic_write_text
 
 SERIES = "series.csv"
@@ -54,10 +54,11 @@ class EpochStatistics:
         result = hpa.analyse(graph, init=self.init, statistics=list(self.statistics))
         (self.folder / "stats").mkdir(exist_ok=True)
         atomic_write_text(self.folder / "stats" / f"epoch-{epoch:03d}.json", result.to_json() + "\n")
-        self.rows = [row for row in self.rows if int(row["epoch"]) < epoch]
+        kept = [row for row in self.rows if int(row["epoch"]) != epoch]
         for row in result.layer_rows():
             values = {k: v for k, v in row.items() if k not in _STRUCTURE}
-            self.rows.append({"epoch": epoch, "layer": row["name"], **values})
+            kept.append({"epoch": epoch, "layer": row["name"], **values})
+        self.rows = sorted(kept, key=lambda row: int(row["epoch"]))  # stable: layers stay in order
         atomic_write_text(self.folder / SERIES, _csv(self.rows))
 
     def _graph(self, snapshot: Path):
@@ -70,7 +71,69 @@ class EpochStatistics:
         try:
             return rebind(self.structure, state)
         except LoadError:  # a layer computes its weight in the forward pass: trace that state instead
+            if self.model is None:
+                raise
             return _retrace(self.model, state, self.structure.input_shape)
+
+
+def analyse_run(folder: str | Path, statistics: list[str] | tuple[str, ...],
+                progress: Callable[[str], None] | None = None) -> dict[str, list[int]]:
+    """Run ``statistics`` over every saved snapshot of a run (or of each seed), skipping epochs done.
+
+    An epoch is done when its ``stats/epoch-NNN.json`` already holds every one of
+    ``statistics``; otherwise it is analysed again with those and the statistics it
+    already had, so each stats file stays one coherent result.  ``stats/`` and
+    ``series.csv`` are rewritten atomically after each epoch (a kill loses at most
+    the epoch in hand), then a ``--seeds`` summary and the figures.  Returns
+    ``{"analysed": [...], "already_done": [...]}`` (epochs, over all seeds).
+    """
+    from hpa.experiments.open_run import open_run
+    from hpa.experiments.train import _check_statistics
+
+    statistics = tuple(dict.fromkeys(statistics))
+    if not statistics:
+        raise OptionError("name a statistic with --stat (hpa plugins lists them)")
+    _check_statistics(statistics)
+    run = open_run(folder)
+    report: dict[str, list[int]] = {"analysed": [], "already_done": []}
+    for seed in run.seeds:
+        _analyse_seed(run, seed, statistics, report, progress or (lambda line: None))
+    if len(run.seeds) > 1:
+        from hpa.experiments.seeds import write_summary
+
+        write_summary(run.path, run.seeds)
+    run.plot()
+    return report
+
+
+def _analyse_seed(run, seed: int, statistics: tuple[str, ...], report, progress) -> None:
+    folder = run.folders[seed]
+    snapshots = run.snapshots(seed)
+    if 0 not in snapshots:
+        raise LoadError(f"{folder} has no snapshot of epoch 0 (the initialisation statistics compare with)")
+    done = {epoch: _statistics_in(folder, epoch) for epoch in snapshots}
+    todo = [epoch for epoch in snapshots if not set(statistics) <= done[epoch]]
+    report["already_done"] += [epoch for epoch in snapshots if epoch not in todo]
+    if not todo:
+        return
+    worker = EpochStatistics(folder, run.structure(seed), None, statistics)
+    worker.resume(max(snapshots))  # epoch 0 as the init, and the series rows so far
+    for epoch in todo:
+        names = tuple(dict.fromkeys(statistics + tuple(sorted(done[epoch]))))
+        worker.statistics = names
+        worker.record(epoch, snapshots[epoch])
+        report["analysed"].append(epoch)
+        progress(f"{folder.name if len(run.seeds) > 1 else folder}: epoch {epoch} ({', '.join(names)})")
+
+
+def _statistics_in(folder: Path, epoch: int) -> set[str]:
+    import json
+
+    path = folder / "stats" / f"epoch-{epoch:03d}.json"
+    try:
+        return set(json.loads(path.read_text()).get("statistics", []))
+    except (OSError, ValueError):  # missing or damaged: analyse the epoch again
+        return set()
 
 
 def _retrace(model, state, input_size):

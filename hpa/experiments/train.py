@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import shlex
 import sys
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpa.errors import HpaError, OptionError
-from hpa.experiments.run import RunDir
-from hpa.experiments.stats import EpochStatistics
-from hpa.experiments.types import INITS, SCHEDULES, Recipe, Task, recipe_fields
+from hpa.experiments.distributed import is_lead
+from hpa.experiments.run import RunDir, snapshot_name
+from hpa.experiments.types import (DEFAULT_RECIPE, INITS, NAMED_RECIPES, SCHEDULES, Noise, Recipe, Task, check_noise,
+                                   named_recipe, noise_fields, noise_from_flags, recipe_fields)
 
 FORMAT = 1  # of run.json
 # CPU reductions depend on the thread count; one thread makes a CPU run give the same bytes on
@@ -44,11 +46,16 @@ class TrainConfig:
     snapshot_every: int
     device: str
     statistics: tuple[str, ...] = ("projection",)  # run on every snapshot
+    precision: str = "fp32"  # fp32 (faithful), tf32 or bf16: changes rounding only
+    compiled: bool = False  # torch.compile: changes rounding only
+    recipe_name: str = DEFAULT_RECIPE  # the named recipe the recipe started from (types.NAMED_RECIPES)
+    noise: Noise = Noise()  # corruption of the stored dataset; noise_seed None: the run seed
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "arch": self.arch, "seed": self.seed, "recipe": self.recipe.to_dict(),
                 "snapshot_every": self.snapshot_every, "device": self.device,
-                "statistics": list(self.statistics)}
+                "statistics": list(self.statistics), "precision": self.precision, "compiled": self.compiled,
+                "recipe_name": self.recipe_name, "noise": self.noise.to_dict()}
 
 
 def list_tasks() -> list[Task]:
@@ -58,10 +65,12 @@ def list_tasks() -> list[Task]:
 
 
 def describe_tasks() -> list[dict[str, Any]]:
-    """Every task: name, description, default architecture, input size, classes and recipe."""
+    """Every task: name, description, default architecture, input size, classes, recipe and named recipes."""
     return [{"name": task.name, "description": task.description, "architecture": task.architecture,
              "input_size": None if task.input_size is None else list(task.input_size),
-             "num_classes": task.num_classes, "recipe": task.recipe.to_dict()} for task in list_tasks()]
+             "num_classes": task.num_classes, "recipe": task.recipe.to_dict(),
+             "recipes": {name: dataclasses.replace(task.recipe, **named.changes).to_dict()
+                         for name, named in NAMED_RECIPES.items()}} for task in list_tasks()]
 
 
 def get_task(name: str) -> Task:
@@ -78,38 +87,44 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
           arch: str | None = None, seed: int | None = None, device: str | None = None,
           data: str | Path | None = None, download: bool = False, snapshot_every: int | None = None,
           statistics: tuple[str, ...] | list[str] | None = None,
+          precision: str | None = None, compiled: bool | None = None,
           progress: Callable[[str], None] | None = None, command: str | None = None,
-          **recipe_values: Any) -> Path:
+          recipe_name: str | None = None, **recipe_values: Any) -> Path:
     """Train ``task`` into the new folder ``out``, or continue the run in ``resume``; returns the folder.
 
-    ``recipe_values`` are :class:`Recipe` fields; None (like every other None) means "the
-    default" for a new run and "as recorded" for a resumed one, where any other value
-    that differs from the record is refused.
+    ``recipe_name`` is a named recipe (types.NAMED_RECIPES, default "paper") whose fields replace
+    the task's defaults.  ``recipe_values`` are :class:`Recipe` fields, which override it in turn,
+    and :class:`Noise` fields (plus ``random_labels=True``, i.e. ``label_noise=1``).  None (like
+    every other None) means "the default" for a new run and "as recorded" for a resumed one,
+    where any other value that differs from the record is refused.
     """
+    noise_given = noise_from_flags(recipe_values)  # random_labels resolved; a conflict is refused
+    recipe_values = {k: v for k, v in recipe_values.items() if k not in (*noise_fields(), "random_labels")}
     unknown = sorted(set(recipe_values) - set(recipe_fields()))
     if unknown:
         raise OptionError(f"unknown recipe field {unknown[0]!r}; the fields are {', '.join(recipe_fields())}")
     statistics = None if statistics is None else tuple(s for s in statistics if s != "none")
     given = {"task": task, "arch": arch, "seed": seed, "device": device, "snapshot_every": snapshot_every,
-             "statistics": statistics,
-             **{k: v for k, v in recipe_values.items()}}
+             "statistics": statistics, "precision": precision, "compiled": compiled,
+             "recipe_name": recipe_name, **noise_given, **{k: v for k, v in recipe_values.items()}}
     if resume is not None:
         if out is not None:
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
         run = RunDir.open(resume)
         record = run.read_record()
-        config = _config_from_record(record)
+        config = config_from_record(record)
         _refuse_differences(config, given)
         data = record.get("data_dir") if data is None else data
     else:
         if task is None or out is None:
             raise OptionError("hpa train needs --plugin TASK and --out DIR (or --resume DIR)")
         config = _new_config(get_task(task), given)
-        RunDir.check_new(out)  # before the (possibly slow) data loading; created once all is known to work
+        if is_lead():  # under torch.distributed only rank 0 touches the run folder
+            RunDir.check_new(out)  # before the (possibly slow) data loading; created once all is known to work
         run, record = None, None
     trainer = _Trainer(config, data, download, progress)
     if run is None:
-        run = RunDir.create(out)
+        run = RunDir.create(out) if is_lead() else RunDir(Path(out).expanduser())
         trainer.start(run, command or _command_line())
     else:
         trainer.resume(run, record, command or _command_line())
@@ -119,17 +134,33 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
 # -- configuration ---------------------------------------------------------------------------
 
 def _new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
+    named = named_recipe(given.get("recipe_name") or DEFAULT_RECIPE)
     changes = {k: given[k] for k in recipe_fields() if given.get(k) is not None}
-    recipe = dataclasses.replace(task.recipe, **changes)
+    recipe = dataclasses.replace(task.recipe, **{**named.changes, **changes})
+    noise = Noise(**{k: given[k] for k in noise_fields() if given.get(k) is not None})
+    check_noise(noise)
     _check_recipe(recipe)
     every = given["snapshot_every"] if given["snapshot_every"] is not None else 1
     if every < 1:
         raise OptionError(f"--snapshot-every must be a positive number of epochs, not {every}")
     statistics = ("projection",) if given["statistics"] is None else tuple(given["statistics"])
     _check_statistics(statistics)
+    device = resolve_device(given["device"])
+    precision = given["precision"] or "fp32"
+    _check_precision(precision, device)
     return TrainConfig(task=task.name, arch=given["arch"] or task.architecture,
                        seed=int(given["seed"] or 0), recipe=recipe, snapshot_every=int(every),
-                       device=_resolve_device(given["device"]), statistics=statistics)
+                       device=device, statistics=statistics, precision=precision,
+                       compiled=bool(given["compiled"]), recipe_name=named.name, noise=noise)
+
+
+def _check_precision(precision: str, device: str) -> None:
+    from hpa.experiments.loop import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision {precision!r} is unknown; choose from {', '.join(PRECISIONS)}")
+    if precision == "tf32" and not device.startswith("cuda"):
+        raise OptionError("--precision tf32 exists only on CUDA devices; use fp32 or bf16 with --device cpu")
 
 
 def _check_statistics(names: tuple[str, ...]) -> None:
@@ -159,7 +190,8 @@ def _check_recipe(recipe: Recipe) -> None:
         raise OptionError(f"--shift must be zero or a positive number of pixels, not {recipe.shift}")
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
+    """``device`` checked (None: cuda when present, else cpu), as a torch device string."""
     import torch
 
     if device is None:
@@ -173,15 +205,19 @@ def _resolve_device(device: str | None) -> str:
     return str(parsed)
 
 
-def _config_from_record(record: dict[str, Any]) -> TrainConfig:
+def config_from_record(record: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a run.json records."""
     saved = record["config"]
     return TrainConfig(task=saved["task"], arch=saved["arch"], seed=saved["seed"], recipe=Recipe(**saved["recipe"]),
                        snapshot_every=saved["snapshot_every"], device=saved["device"],
-                       statistics=tuple(saved.get("statistics", ())))
+                       statistics=tuple(saved.get("statistics", ())), precision=saved.get("precision", "fp32"),
+                       compiled=bool(saved.get("compiled", False)),
+                       recipe_name=saved.get("recipe_name", DEFAULT_RECIPE), noise=Noise(**saved.get("noise", {})))
 
 
 def _refuse_differences(config: TrainConfig, given: dict[str, Any]) -> None:
-    saved = {**{k: v for k, v in config.to_dict().items() if k != "recipe"}, **config.recipe.to_dict()}
+    saved = {**{k: v for k, v in config.to_dict().items() if k not in ("recipe", "noise")},
+             **config.recipe.to_dict(), **config.noise.to_dict()}
     for key, value in given.items():
         if value is None or key not in saved:
             continue
@@ -189,7 +225,9 @@ def _refuse_differences(config: TrainConfig, given: dict[str, Any]) -> None:
             value = list(value)
         same = str(value) == str(saved[key]) if key == "device" else value == saved[key]
         if not same:
-            flag = {"task": "--plugin", "statistics": "--stat"}.get(key, f"--{key.replace('_', '-')}")
+            flag = {"task": "--plugin", "statistics": "--stat", "compiled": "--compile",
+                    "recipe_name": "--recipe"}.get(
+                key, f"--{key.replace('_', '-')}")
             raise OptionError(f"cannot resume with {flag} {value}: the run was started with {saved[key]}; "
                               f"resume without {flag}, or start a new run with another --out")
 
@@ -199,25 +237,47 @@ def _command_line() -> str:
     return shlex.join([sys.executable, *sys.argv])
 
 
+def corrupted_dataset(dataset, config: TrainConfig):
+    """``dataset`` as ``config`` trains on it: its noise applied once, before augmentation.
+
+    Returns :class:`hpa.experiments.noise.NoisyData`.  Labels are corrupted on the training
+    part of the seeded validation split only; pixels on every split.  Deterministic, so a
+    resumed run (or ``hpa reinit``) rebuilds exactly the data the run saw.
+    """
+    from hpa.experiments.data import stratified_split
+    from hpa.experiments.noise import corrupt_dataset
+
+    train_index, _ = stratified_split(dataset.train_labels, config.recipe.validation, config.seed)
+    seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed
+    return corrupt_dataset(dataset, config.noise, train_index, seed)
+
+
 # -- the trainer ----------------------------------------------------------------------------
 
 class _Trainer:
     def __init__(self, config: TrainConfig, data, download: bool, progress) -> None:
         import torch
 
-        from hpa.experiments.model import build_model
+        from hpa.experiments.distributed import join
+        from hpa.experiments.loop import make_optimizer, memory_format
+        from hpa.experiments.model import BackgroundWriter, build_model
 
         self.config = config
-        self.progress = progress or (lambda line: None)
-        self.device = torch.device(config.device)
+        self.world = join(config.device)  # None unless started by torchrun with several processes
+        self.lead = self.world is None or self.world.lead
+        self.progress = (progress if self.lead else None) or (lambda line: None)
+        self.device = torch.device(config.device) if self.world is None else self.world.device
+        self.writer = BackgroundWriter()
         task = get_task(config.task)
         self.data_dir = None if data is None else str(Path(data).expanduser())
-        self.dataset = task.dataset(None if data is None else Path(self.data_dir), download)
+        noisy = corrupted_dataset(task.dataset(None if data is None else Path(self.data_dir), download), config)
+        self.dataset, self.train_labels, self.noise_report = noisy.dataset, noisy.train_labels, noisy.report
         self.model, self.structure = build_model(config.arch, self.dataset, config.seed, config.recipe.init,
                                                  task.name)
-        self.model.to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.recipe.lr,
-                                         momentum=config.recipe.momentum, weight_decay=config.recipe.weight_decay)
+        self.model.to(self.device, memory_format=memory_format(self.device, config.precision))
+        self.optimizer = make_optimizer(self.model, config.recipe, self.device)
+        # The compiled module shares the parameters; snapshots read the plain one (no _orig_mod. keys).
+        self.forward = torch.compile(self.model) if config.compiled else self.model
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -226,9 +286,10 @@ class _Trainer:
 
         self.run = run
         self.record = self._new_record(command)
-        run.write_record(self.record)
-        run.write_graph(graph_record(self.structure, self.config.arch))
-        self.statistics = EpochStatistics(run.path, self.structure, self.model, self.config.statistics)
+        if self.lead:
+            run.write_record(self.record)
+            run.write_graph(graph_record(self.structure, self.config.arch))
+        self.statistics = self._statistics(run)
         self._loop(first_epoch=0)
 
     def resume(self, run: RunDir, record: dict[str, Any], command: str) -> None:
@@ -236,18 +297,34 @@ class _Trainer:
         if record.get("dataset") != self.dataset.source:
             raise OptionError(f"the dataset differs from the one {run.path} was trained on (files or checksums "
                               "changed); resume with the same --data")
-        state = run.read_state()
+        state, note = run.resume_state() if self.lead else (None, None)  # a damaged file: the last good epoch
+        if self.world is not None:  # rank 0's state, so every rank starts from the same bytes
+            state = self.world.broadcast(state)
+        if note:
+            _warn(note)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         done = int(state["epoch"])
-        run.truncate_to(done)
-        self.statistics = EpochStatistics(run.path, self.structure, self.model, self.config.statistics)
-        self.statistics.resume(done)
+        self.statistics = self._statistics(run)
         self.record.update(status="running", resumed=record.get("resumed", []) + [{"from_epoch": done,
                                                                                     "command": command}])
-        run.write_record(self.record)
+        if self.lead:
+            run.truncate_to(done)
+            for epoch in self.statistics.resume(done):  # snapshots whose statistics a kill interrupted
+                self.statistics.record(epoch, run.path / snapshot_name(epoch))
+            run.write_record(self.record)
         self.progress(f"resuming {run.path} after epoch {done}")
         self._loop(first_epoch=done + 1)
+
+    def _statistics(self, run: RunDir):
+        """Statistics of each snapshot: in a separate CPU process for CUDA runs (HPA_STATISTICS_PROCESS=1
+        or 0 forces the choice), else on the writer thread, which keeps CPU runs bitwise resumable."""
+        from hpa.experiments.model import SnapshotStatistics
+
+        choice = os.environ.get("HPA_STATISTICS_PROCESS")
+        separate = self.device.type == "cuda" if choice is None else choice == "1"
+        return SnapshotStatistics(run.path, self.structure, self.model, self.config.statistics, separate)
 
     # -- the epochs -----------------------------------------------------------------------------
 
@@ -256,7 +333,9 @@ class _Trainer:
 
         from hpa.experiments.data import DeviceData
 
-        data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device)
+        shard = None if self.world is None else (self.world.rank, self.world.size)
+        data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device, shard=shard,
+                          train_labels=self.train_labels)
         devices = [self.device] if self.device.type == "cuda" else []
         deterministic = torch.are_deterministic_algorithms_enabled()
         threads = torch.get_num_threads()
@@ -267,14 +346,29 @@ class _Trainer:
             with torch.random.fork_rng(devices=devices):  # dropout draws from the global RNG; leave it as found
                 for epoch in range(first_epoch, self.config.recipe.epochs + 1):
                     self._epoch(data, epoch)
+            self.writer.close()
+            self.statistics.close()
         except BaseException as exc:
+            self._close_writer_after(exc)
             if isinstance(exc, TrainingError):
                 self._finish("failed", str(exc))
             raise
         finally:
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
+            if self.world is not None:
+                self.world.close()
         self._finish("complete")
+        if self.lead:
+            self._write_figures()
+
+    def _close_writer_after(self, exc: BaseException) -> None:
+        """Let the finished epochs' writes and statistics complete; the first error stays the one raised."""
+        for closing in (self.writer.close, self.statistics.close):
+            try:
+                closing()
+            except Exception:  # noqa: S110  (exc, already on its way, is the error to report)
+                pass
 
     def _epoch(self, data, epoch: int) -> None:
         from hpa.experiments.loop import evaluate, train_one_epoch
@@ -285,23 +379,63 @@ class _Trainer:
         if epoch == 0:
             line.update(train_loss=None, train_accuracy=None)
         else:
-            line.update(train_one_epoch(self.model, self.optimizer, data, recipe, self.config.seed, epoch))
+            line.update(train_one_epoch(self.forward, self.optimizer, self._counted(data, epoch), recipe,
+                                        self.config.seed, epoch, self.config.precision, self.world))
             if not math.isfinite(line["train_loss"]):
                 raise TrainingError(f"the training loss became {line['train_loss']} in epoch {epoch}; epochs "
                                     f"0-{epoch - 1} are kept in {self.run.path}; lower --lr and start a new run")
-        line.update(evaluate(self.model, data, data.validation, "val"))
-        line.update(evaluate(self.model, data, data.test, "test"))
+        if not self.lead:  # rank 0 evaluates and writes; the others go on to the next epoch
+            return
+        line.update(evaluate(self.forward, data, data.validation, "val", self.config.precision))
+        line.update(evaluate(self.forward, data, data.test, "test", self.config.precision))
         snapshot = epoch % self.config.snapshot_every == 0 or epoch == recipe.epochs
-        line["snapshot"] = self.run.write_snapshot(epoch, self.model.state_dict()) if snapshot else None
-        if snapshot:
-            self.statistics.record(epoch, self.run.path / line["snapshot"])
+        line["snapshot"] = snapshot_name(epoch) if snapshot else None
         line["seconds"] = round(time.perf_counter() - started, 3)
-        self.run.append_metrics(line)
-        self.run.write_state(epoch, self.model.state_dict(), self.optimizer.state_dict())
+        self._submit_writes(epoch, line)
+        if hasattr(self.progress, "epoch_finished"):
+            self.progress.epoch_finished(line)
         self.progress(_progress_line(line, recipe.epochs))
 
+    def _submit_writes(self, epoch: int, line: dict[str, Any]) -> None:
+        """Copy model and optimizer to host memory and hand the epoch's writes to the writer thread."""
+        from hpa.experiments.model import host_copy
+
+        copied = time.perf_counter()
+        (model_state, optimizer_state), ready = host_copy((self.model.state_dict(), self.optimizer.state_dict()))
+        self.writer.waited += time.perf_counter() - copied
+        self.writer.submit(self._write_epoch, epoch, line, model_state, optimizer_state, ready)
+
+    def _write_epoch(self, epoch: int, line, model_state, optimizer_state, ready) -> None:
+        """On the writer thread, in the run folder's order: snapshot (and its statistics), metrics, state."""
+        ready()
+        if line["snapshot"]:
+            self.run.write_snapshot(epoch, model_state)
+            self.statistics.record(epoch, self.run.path / line["snapshot"])
+        self.run.append_metrics(line)
+        self.run.write_state(epoch, model_state, optimizer_state)
+
+    def _counted(self, data, epoch: int):
+        """``data``, reporting each batch to a progress bar when the caller's ``progress`` draws one."""
+        if not hasattr(self.progress, "epoch_started"):
+            return data
+        self.progress.epoch_started(epoch, self.config.recipe.epochs, len(data.train))
+        return _CountedBatches(data, self.progress.advance)
+
+    def _write_figures(self) -> None:
+        """figures/: the training curves and each statistic's values over epochs (hpa.render.series)."""
+        from hpa.experiments.open_run import open_run
+
+        open_run(self.run.path).plot()
+
     def _finish(self, status: str, reason: str | None = None) -> None:
+        if not self.lead:
+            return
         self.record["status"] = status
+        self.record["waiting_seconds"] = round(self.writer.waited, 3)  # training blocked on writes, this session
+        if self.device.type == "cuda":
+            import torch
+
+            self.record["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         if reason:
             self.record["failure"] = reason
         self.run.write_record(self.record)
@@ -316,11 +450,13 @@ class _Trainer:
             "data_dir": self.data_dir,
             "dataset": self.dataset.source,
             "split": self._split_sizes(),
+            "noise": self.noise_report,
             "normalisation": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
             "versions": _versions(),
             "host": {"platform": f"{platform.system()}-{platform.machine()}", "python": platform.python_version(),
                      "threads": CPU_THREADS if self.device.type == "cpu" else _threads(), "device_name": _device_name(self.device)},
             "command": command,
+            "processes": 1 if self.world is None else self.world.size,
         }
 
 
@@ -332,6 +468,30 @@ class _Trainer:
         return {"validation": self.config.recipe.validation, "stratified": True, "seeded_by": "seed",
                 "n_train": int(len(train)), "n_validation": int(len(validation)),
                 "n_test": int(len(self.dataset.test_labels))}
+
+
+class _CountedBatches:
+    """``data`` whose ``train_batches`` reports each finished batch's size; the loop stays unaware."""
+
+    def __init__(self, data, advance: Callable[[int], None]) -> None:
+        self._data, self._advance = data, advance
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+    def train_batches(self, *args: Any, **kwargs: Any):
+        for batch in self._data.train_batches(*args, **kwargs):
+            yield batch
+            self._advance(batch.total)
+
+
+def _warn(note: str) -> None:
+    """One line on stderr ("Warning: ..." from the CLI), shown even with --quiet."""
+    import warnings
+
+    from hpa.plugins import HpaWarning
+
+    warnings.warn(note, HpaWarning, stacklevel=3)
 
 
 def _progress_line(line: dict[str, Any], epochs: int) -> str:

@@ -1,4 +1,4 @@
-"""Figures of ``hpa reinit``: the layers x checkpoints heatmap of seed 004 Fig. 2, and n_l beside criticality.
+"""Figures of ``hpa reinit``: the layers x checkpoints heatmap of Gamba et al. 2020 Fig. 2, and n_l beside criticality.
 
 Layers are numbered 1..L along the horizontal axis as in the paper, checkpoints
 run down the vertical axis, and the colour is the relative drop in test
@@ -36,19 +36,30 @@ def _heatmap(result, grid, label: str, low: float, high: float):
     fig = new_figure(width, max(1.6, 0.9 + 0.22 * len(epochs)))
     axes = fig.add_subplot()
     image = axes.imshow(grid, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest")
-    axes.set_xticks(range(len(layers)), [str(i) for i in range(1, len(layers) + 1)])
+    _layer_ticks(axes, range(len(layers)), layers)
     axes.set_yticks(range(len(epochs)), ["random" if e is None else str(e) for e in epochs])
-    axes.set_xlabel("layer")
     axes.set_ylabel("reset to epoch")
     for side in ("top", "right"):
         axes.spines[side].set_visible(True)
     if grid.size <= _ANNOTATE_MAX:
         _annotate(axes, grid, low, high)
     bar = fig.colorbar(image, ax=axes, shrink=0.9)
-    bar.set_label("relative drop in test accuracy")
+    bar.set_label("relative drop")
     which = "mean over seeds" if label == "mean" else label
     axes.set_title(f"re-initialisation · {Path(result.source).name} · {which}")
     return fig
+
+
+def _layer_ticks(axes, positions, layers: list[str], most_named: int = 16) -> None:
+    """Layer names under the axis when they fit, else indices (the names are in reinit.csv)."""
+    from hpa.render.table import shorten_middle
+
+    if len(layers) <= most_named:
+        axes.set_xticks(list(positions), [shorten_middle(name, 14) for name in layers], rotation=40, ha="right")
+        axes.set_xlabel("layer")
+    else:
+        axes.set_xticks(list(positions), [str(i) for i in range(1, len(layers) + 1)])
+        axes.set_xlabel("layer (index in execution order; names in reinit.csv)")
 
 
 def _annotate(axes, grid, low: float, high: float) -> None:
@@ -75,16 +86,19 @@ def _criticality(result):
     by_layer.plot(positions, [float("nan") if v is None else abs(v - 0.5) for v in n_l], "s--",
                   color=PALETTE["blue"], label="$|n_l - 0.5|$")
     by_layer.axhline(0.5, color=PALETTE["grey"], linewidth=0.5, linestyle=":")
-    by_layer.set_xticks(positions)
-    by_layer.set_xlabel("layer")
-    by_layer.legend(loc="upper right")
+    _layer_ticks(by_layer, positions, layers)
+    by_layer.set_ylim(0, 1.4)  # room for the legend above the data, which lies in [0, 1]
+    by_layer.legend(loc="upper center", ncol=3, frameon=False)
     spearman = result.correlation()
-    by_layer.set_title(f"n_l vs criticality · Spearman ρ: n_l {_rho(spearman['n_l'])}, "
-                       f"|n_l − 0.5| {_rho(spearman['bias'])}")
+    by_layer.set_title(f"$n_l$ and criticality · Spearman ρ: $n_l$ {_rho(spearman['n_l'])}, "
+                       f"$|n_l - 0.5|$ {_rho(spearman['bias'])}")
     points = [(abs(v - 0.5), d, i) for v, d, i in zip(n_l, drops, positions) if v is not None and d == d]
     scatter.scatter([p[0] for p in points], [p[1] for p in points], color=PALETTE["vermillion"], s=12)
+    from hpa.render.table import shorten_middle
+
     for x, y, index in points:
-        scatter.annotate(str(index), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        label = shorten_middle(layers[index - 1], 14) if len(layers) <= 16 else str(index)
+        scatter.annotate(label, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     scatter.set_xlabel("$|n_l - 0.5|$ (bias)")
     scatter.set_ylabel("relative drop")
     return fig

@@ -31,7 +31,7 @@ FORMATS = ("png", "pdf", "svg")
 #: Okabe & Ito's colour-blind-safe palette (no yellow: it vanishes on white).
 PALETTE = {"blue": "#0072B2", "orange": "#E69F00", "green": "#009E73", "vermillion": "#D55E00",
            "sky": "#56B4E9", "purple": "#CC79A7", "grey": "#555555"}
-#: Trained against init, as in seed 004 Fig. 1 (init blue, trained orange).  They also differ
+#: Trained against init, as in Gamba et al. 2020 Fig. 1 (init blue, trained orange).  They also differ
 #: in line style and fill (solid and filled against dashed and hatched), so greyscale keeps them apart.
 TRAINED = PALETTE["vermillion"]
 INIT = PALETTE["blue"]

@@ -1,0 +1,212 @@
+"""Reading a run back: ``hpa.open_run``, the ``run:`` loader, ``hpa analyse-run``, resuming past a damaged
+file, and the trainer's progress display."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import hpa
+from conftest import assert_bad_input
+
+EPOCHS = 2
+
+
+def _train(folder, **options):
+    from hpa.experiments.train import train
+
+    return train("digits", out=folder, epochs=options.pop("epochs", EPOCHS), device="cpu", **options)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("open_run") / "run")
+
+
+def numpy_n_l(weight: np.ndarray) -> float:
+    """docs/statistics.md §1, straight from the array: the fraction of filters whose sum is <= 0."""
+    rows = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    cosines = rows.sum(1) / (np.linalg.norm(rows, axis=1) * np.sqrt(rows.shape[1]))
+    return float(np.mean(cosines <= 0))
+
+
+# -- open_run -----------------------------------------------------------------------------------
+
+def test_metrics_and_series_frames_hold_the_files_values(run):
+    opened = hpa.open_run(run)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    frame = opened.metrics
+    assert frame["epoch"].tolist() == [m["epoch"] for m in lines] == list(range(EPOCHS + 1))
+    assert frame["val_accuracy"].tolist() == [m["val_accuracy"] for m in lines]
+    assert set(frame["seed"]) == {0}
+    with open(run / "series.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    series = opened.series
+    assert len(series) == len(rows)
+    assert series["layer"].tolist() == [r["layer"] for r in rows]
+    expected = [float(r["projection.n_l"]) if r["projection.n_l"] else np.nan for r in rows]  # skipped: empty
+    np.testing.assert_array_equal(series["projection.n_l"].to_numpy(dtype=float), expected)
+    assert np.isfinite(expected).sum() == 3 * (EPOCHS + 1)
+    assert opened.epochs() == list(range(EPOCHS + 1))
+
+
+def test_graph_of_an_epoch_equals_a_fresh_trace_of_its_snapshot(run):
+    import torch
+    from safetensors.torch import load_file as load_tensors
+
+    from hpa.plugins import registries
+    from hpa.registry import LoadOptions
+
+    loader = registries()["loaders"].get("cifar")
+    module = loader.build("small_max", LoadOptions(weights="none", input_size=(1, 8, 8),
+                                                   extra={"num_classes": 10, "in_channels": 1}))
+    module.load_state_dict(load_tensors(str(run / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors")))
+    traced = hpa.load(module, input_size=(1, 8, 8))
+    rebound = hpa.open_run(run).graph(EPOCHS)
+    assert [layer.name for layer in rebound] == [layer.name for layer in traced]
+    for mine, fresh in zip(rebound, traced):
+        assert mine.attributes() == fresh.attributes()
+        np.testing.assert_array_equal(mine.weight, fresh.weight)
+        np.testing.assert_array_equal(mine.bias, fresh.bias)
+    assert [s.to_dict() for s in rebound.skipped] == [s.to_dict() for s in traced.skipped]
+    assert rebound.input_shape == traced.input_shape == (1, 8, 8)
+    assert not torch.equal(torch.zeros(1), torch.ones(1))  # torch really imported, the module really built
+
+
+def test_a_missing_epoch_names_the_saved_ones(run):
+    with pytest.raises(hpa.OptionError, match="saved epochs are 0, 1, 2"):
+        hpa.open_run(run).graph(7)
+    with pytest.raises(hpa.HpaError, match="not an hpa run folder"):
+        hpa.open_run(run / "snapshots")
+
+
+# -- the run: loader ------------------------------------------------------------------------------
+
+def test_run_spec_compare_init_is_numpy_on_the_snapshot_and_on_epoch_zero(run, run_hpa):
+    proc = run_hpa("scan", f"run:{run}@{EPOCHS}", "--compare-init", "--stat", "projection", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    final = load_file(run / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors")
+    init = load_file(run / "snapshots" / "epoch-000.safetensors")
+    layers = {entry["name"]: entry["statistics"].get("projection") for entry in result["layers"]}
+    for name in ("features.0", "features.3", "features.6"):
+        assert layers[name]["n_l"] == numpy_n_l(final[f"{name}.weight"])
+        assert layers[name]["init"]["n_l"] == numpy_n_l(init[f"{name}.weight"])
+    assert result["init"]["weights"] == "epoch 0"
+    # without @EPOCH: the last saved epoch
+    proc = run_hpa("scan", f"run:{run}", "--stat", "projection", "--json")
+    assert json.loads(proc.stdout)["layers"][1]["statistics"]["projection"]["n_l"] == layers["features.3"]["n_l"]
+
+
+@pytest.mark.parametrize("epoch, words", [("9", ("epoch 9", "0, 1, 2")), ("x", ("whole number",))])
+def test_run_spec_with_a_bad_epoch_is_one_line(run, run_hpa, epoch, words):
+    assert_bad_input(run_hpa("scan", f"run:{run}@{epoch}"), *words)
+
+
+# -- analyse-run ----------------------------------------------------------------------------------
+
+def test_analyse_run_gives_what_training_with_the_statistic_gives(tmp_path, run_hpa):
+    with_stats = _train(tmp_path / "with", statistics=("projection",))
+    without = _train(tmp_path / "without", statistics=("none",))
+    assert not (without / "series.csv").exists()
+    proc = run_hpa("analyse-run", without, "--stat", "projection")
+    assert proc.returncode == 0, proc.stderr
+    assert f"analysed {EPOCHS + 1} snapshots" in proc.stdout
+    assert (without / "series.csv").read_text() == (with_stats / "series.csv").read_text()
+    final = load_file(without / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors")
+    last = [r for r in hpa.open_run(without).series.to_dict("records") if r["epoch"] == EPOCHS]
+    assert {r["layer"]: r["projection.n_l"] for r in last}["features.3"] == numpy_n_l(final["features.3.weight"])
+    assert (without / "figures" / "projection_n_l_epochs.png").is_file()
+    # again: every epoch is done, nothing changes
+    before = (without / "series.csv").read_bytes()
+    proc = run_hpa("analyse-run", without, "--stat", "projection")
+    assert f"analysed 0 snapshots; {EPOCHS + 1} already done" in proc.stdout
+    assert (without / "series.csv").read_bytes() == before
+    # a statistic added later joins the ones already there
+    proc = run_hpa("analyse-run", without, "--stat", "cones")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((without / "stats" / "epoch-001.json").read_text())
+    assert sorted(stats["statistics"]) == ["cones", "projection"]
+    np.testing.assert_array_equal(hpa.open_run(without).series["projection.n_l"].to_numpy(dtype=float),
+                                  hpa.open_run(with_stats).series["projection.n_l"].to_numpy(dtype=float))
+
+
+def test_analyse_run_refuses_an_unknown_statistic(run, run_hpa):
+    assert_bad_input(run_hpa("analyse-run", run, "--stat", "projecton"), "projection")
+
+
+# -- resuming past a damaged file -------------------------------------------------------------
+
+def test_a_truncated_last_snapshot_is_rewritten_from_the_state(tmp_path, run_hpa):
+    folder = _train(tmp_path / "run")
+    snapshot = folder / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors"
+    whole = snapshot.read_bytes()
+    snapshot.write_bytes(whole[: len(whole) // 2])
+    proc = run_hpa("train", "--resume", folder)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warning) == 1 and "damaged" in warning[0] and snapshot.name in warning[0]
+    assert snapshot.read_bytes() == whole
+
+
+def test_an_unreadable_state_falls_back_to_the_last_good_epoch(tmp_path, run_hpa):
+    folder = _train(tmp_path / "run")
+    last = folder / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors"
+    last.write_bytes(last.read_bytes()[:100])
+    state = folder / "state" / "last.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    proc = run_hpa("train", "--resume", folder)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warning) == 1 and f"last good epoch, {EPOCHS - 1}" in warning[0]
+    assert "Traceback" not in proc.stderr
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(EPOCHS + 1))
+    load_file(last)  # whole again
+    assert json.loads((folder / "run.json").read_text())["status"] == "complete"
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+def test_progress_is_a_bar_per_epoch_on_a_terminal_and_a_line_elsewhere(tmp_path):
+    from hpa.render.training_progress import TrainingProgress
+
+    plain, terminal = io.StringIO(), io.StringIO()
+    _train(tmp_path / "plain", progress=TrainingProgress(stream=plain, bars=False))
+    _train(tmp_path / "bars", progress=TrainingProgress(stream=terminal, bars=True))
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == EPOCHS + 1 and all(line.startswith(f"epoch {n}/{EPOCHS}:") for n, line in enumerate(lines))
+    drawn = terminal.getvalue()
+    assert "img/s" in drawn and f"epoch 1/{EPOCHS}:" in drawn and "left" in drawn
+    assert f"epoch 2/{EPOCHS}:" in drawn and "last: loss" in drawn  # the first epoch's numbers on the second bar
+    assert "\r" in drawn and "\r" not in plain.getvalue()
+    for line in lines:  # every plain line is also on the terminal, whole (but its seconds)
+        assert line.rsplit(" ", 1)[0] in drawn
+
+
+def test_the_run_folder_can_be_copied_and_still_opened(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert hpa.open_run(copy).graph(0)["features.0"].weight.shape == (64, 1, 3, 3)
+
+
+# -- architectures of the torchvision and timm loaders train too ----------------------------------
+
+@pytest.mark.parametrize("arch, first, last", [("torchvision:resnet18", "conv1", "fc"),
+                                               ("timm:resnet10t", "conv1.0", "fc")])
+def test_torchvision_and_timm_architectures_train_with_the_tasks_channels_and_classes(tmp_path, arch, first, last):
+    from safetensors.numpy import load_file as load_arrays
+
+    folder = _train(tmp_path / "run", arch=arch, epochs=1, statistics=("none",))
+    graph = hpa.open_run(folder).graph(1)
+    assert graph[first].weight.shape[1] == 1  # digits: one channel
+    assert graph[last].weight.shape[0] == 10  # ten classes
+    assert graph[first].bn_folded  # the BatchNorm after it, folded by rebind as a trace folds it
+    before, after = (load_arrays(folder / "snapshots" / f"epoch-00{e}.safetensors")[f"{first}.weight"] for e in (0, 1))
+    assert before.shape[1] == 1 and not np.array_equal(before, after)  # it trained
