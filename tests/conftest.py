@@ -54,3 +54,17 @@ def assert_bad_input(proc, *words: str) -> str:
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Everything below ``root``: file bytes, "dir" for folders, ("link", target) for links."""
+    found: dict[str, object] = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(folder, name)
+            key = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[key] = ("link", os.readlink(path))
+            else:
+                found[key] = "dir" if path.is_dir() else path.read_bytes()
+    return found

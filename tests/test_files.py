@@ -21,21 +21,8 @@ import pytest
 
 from hpa import files
 from hpa.errors import HpaError, OutputError
+from conftest import snapshot
 from hpa.files import MANIFEST, atomic_directory, atomic_write_text, check_output_dir, foreign_entry
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Everything below ``root``: file bytes, "dir" for folders, ("link", target) for links."""
-    found: dict[str, object] = {}
-    for folder, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = Path(folder, name)
-            key = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                found[key] = ("link", os.readlink(path))
-            else:
-                found[key] = "dir" if path.is_dir() else path.read_bytes()
-    return found
 
 
 def write_result(folder: Path, version: int) -> None:

@@ -21,24 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_bad_input
+from conftest import assert_bad_input, snapshot
 
 MANIFEST = ".hpa-manifest.json"
 UNLOADABLE = "no-such-model.pt"  # loading this fails; a bad --out must be reported first
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Everything below ``root``: file bytes, "dir" for folders, ("link", target) for links."""
-    found: dict[str, object] = {}
-    for folder, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = Path(folder, name)
-            key = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                found[key] = ("link", os.readlink(path))
-            else:
-                found[key] = "dir" if path.is_dir() else path.read_bytes()
-    return found
 
 
 @pytest.fixture(scope="module")
