@@ -144,6 +144,30 @@ class Layer:
             return None
         return int(self.weight.shape[1]) * int(self.groups)
 
+    @classmethod
+    def from_attributes(cls, entry: Mapping[str, Any]) -> "Layer":
+        """The inverse of :meth:`attributes`: every attribute, and NaN placeholder weights.
+
+        The weights take no memory (a broadcast NaN of the shape the attributes imply, 1 where
+        they do not tell); :func:`hpa.rebind` fills in real ones, and a statistic run on the
+        placeholders reports them as non-finite rather than computing a silent number.
+        """
+        import numpy as np
+
+        shape = _weight_shape(entry)
+        channel_bias = np.broadcast_to(np.float32(np.nan), shape[:2]) if entry.get("channel_bias") else None
+        return cls(
+            name=entry["name"], index=entry["index"], kind=entry["kind"],
+            weight=np.broadcast_to(np.float32(np.nan), shape), stride=_tuple(entry.get("stride")),
+            padding=None if entry.get("padding") is None else tuple(tuple(p) for p in entry["padding"]),
+            dilation=_tuple(entry.get("dilation")), groups=entry.get("groups"),
+            output_padding=_tuple(entry.get("output_padding")), activation=entry.get("activation"),
+            bn_folded=bool(entry.get("bn_folded")), input_shape=_tuple(entry.get("input_shape")),
+            output_shape=_tuple(entry.get("output_shape")), predecessors=tuple(entry.get("predecessors", ())),
+            via={k: tuple(v) for k, v in (entry.get("via") or {}).items()}, channel_bias=channel_bias,
+            inferred=tuple(entry.get("inferred", ())), params=dict(entry.get("params") or {}),
+            branch=entry.get("branch"))
+
     def attributes(self) -> dict[str, Any]:
         """The layer's description as JSON-ready values (no weights)."""
         return {
@@ -247,3 +271,18 @@ class ConvGraph:
 
 def _list(value: tuple | None) -> list | None:
     return None if value is None else [int(v) for v in value]
+
+
+def _weight_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The weight shape a layer's JSON attributes imply (this module's conventions); 1 where they do not tell."""
+    out, into, groups = entry["out_channels"], entry.get("in_channels"), entry.get("groups") or 1
+    kernel = tuple(entry.get("kernel_size") or ())
+    if entry["kind"] == "linear":
+        return (out, into or 1)
+    if entry["kind"] in TRANSPOSED_KINDS:
+        return (into or 1, out // groups, *kernel)
+    return (out, (into // groups) if into and entry.get("groups") else 1, *kernel)
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)

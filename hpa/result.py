@@ -82,7 +82,7 @@ class ScanResult:
         the plugin registry.  Raises LoadError when ``data`` is not an hpa result.
         """
         _check_schema(data)
-        graph = ConvGraph([_layer(entry) for entry in data["layers"]], source=_source(data["model"]))
+        graph = ConvGraph([Layer.from_attributes(entry) for entry in data["layers"]], source=_source(data["model"]))
         results = {name: StatisticResult() for name in _statistics_order(data)}
         for entry in data["layers"]:
             for name, values in entry.get("statistics", {}).items():
@@ -307,40 +307,6 @@ def _source(model: Mapping[str, Any]) -> dict[str, Any]:
     source = dict(model)
     source.pop("n_layers", None)  # to_dict adds it; it is not part of the source
     return source
-
-
-def _layer(entry: Mapping[str, Any]) -> Layer:
-    """A Layer with every attribute ``entry`` gives and a NaN weight of the right shape (no memory)."""
-    import numpy as np
-
-    shape = _weight_shape(entry)
-    channel_bias = np.broadcast_to(np.float32(np.nan), shape[:2]) if entry.get("channel_bias") else None
-    return Layer(
-        name=entry["name"], index=entry["index"], kind=entry["kind"],
-        weight=np.broadcast_to(np.float32(np.nan), shape), stride=_tuple(entry.get("stride")),
-        padding=None if entry.get("padding") is None else tuple(tuple(p) for p in entry["padding"]),
-        dilation=_tuple(entry.get("dilation")), groups=entry.get("groups"),
-        output_padding=_tuple(entry.get("output_padding")), activation=entry.get("activation"),
-        bn_folded=bool(entry.get("bn_folded")), input_shape=_tuple(entry.get("input_shape")),
-        output_shape=_tuple(entry.get("output_shape")), predecessors=tuple(entry.get("predecessors", ())),
-        via={k: tuple(v) for k, v in (entry.get("via") or {}).items()}, channel_bias=channel_bias,
-        inferred=tuple(entry.get("inferred", ())), params=dict(entry.get("params") or {}),
-        branch=entry.get("branch"))
-
-
-def _weight_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
-    """The weight shape the JSON attributes imply (graph.py's conventions); 1 where they do not tell."""
-    out, into, groups = entry["out_channels"], entry.get("in_channels"), entry.get("groups") or 1
-    kernel = tuple(entry.get("kernel_size") or ())
-    if entry["kind"] == "linear":
-        return (out, into or 1)
-    if entry["kind"].startswith("conv_transpose"):
-        return (into or 1, out // groups, *kernel)
-    return (out, (into // groups) if into and entry.get("groups") else 1, *kernel)
-
-
-def _tuple(value: Any) -> tuple | None:
-    return None if value is None else tuple(value)
 
 
 def _restore_skipped(entries: list[Mapping[str, Any]], graph: ConvGraph,

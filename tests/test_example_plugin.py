@@ -24,17 +24,22 @@ EXAMPLE = ROOT / "examples" / "hpa-filter-norms"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """A folder holding the installed example plugin (module + dist-info with its entry point)."""
-    work = tmp_path_factory.mktemp("example-plugin")
-    source = shutil.copytree(EXAMPLE, work / "src")  # the build writes egg-info; keep the repo clean
+def _pip_install(package: Path, work: Path) -> Path:
+    """Install ``package`` with real pip into ``work/site`` (module + dist-info with its entry point)."""
+    source = shutil.copytree(package, work / "src")  # the build writes egg-info; keep the repo clean
     target = work / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
          "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """A folder holding the installed example plugin."""
+    target = _pip_install(EXAMPLE, tmp_path_factory.mktemp("example-plugin"))
     assert (target / "hpa_filter_norms.py").exists()
     return target
 
@@ -151,15 +156,7 @@ STRIPES = ROOT / "examples" / "hpa-stripes"
 
 @pytest.fixture(scope="module")
 def stripes_site(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("stripes-plugin")
-    source = shutil.copytree(STRIPES, work / "src")
-    target = work / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return target
+    return _pip_install(STRIPES, tmp_path_factory.mktemp("stripes-plugin"))
 
 
 def _hpa_with(site: Path, cwd: Path, *args):

@@ -401,3 +401,21 @@ def test_matconvnet_activation_blocks_emit_canonical_activation_names():
 
     assert {VIA_NAMES[t] for t in ("relu", "sigmoid", "tanh")} | {"leaky_relu"} <= ACTIVATIONS
     assert "dropout" in _IDENTITIES
+
+
+@pytest.mark.parametrize("module, kind", [(nn.Conv2d(6, 8, (3, 5), stride=2, padding=1, dilation=2, groups=2), "conv2d"),
+                                          (nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2), "conv_transpose2d"),
+                                          (nn.Linear(7, 3), "linear")])
+def test_from_attributes_inverts_attributes_with_placeholder_weights(module, kind):
+    """JSON attributes -> Layer -> attributes is the identity; weights are NaN of the real shape, no memory."""
+    weight = module.weight.detach().numpy()
+    layer = Layer(name="x", index=3, kind=kind, weight=weight,
+                  stride=None if kind == "linear" else tuple(module.stride),
+                  dilation=None if kind == "linear" else tuple(module.dilation),
+                  padding=None if kind == "linear" else tuple((p, p) for p in module.padding),
+                  groups=getattr(module, "groups", 1), inferred=("stride",), params={"weight": "x.weight"},
+                  branch="If_0/then_branch")
+    entry = json.loads(json.dumps(layer.attributes()))
+    back = Layer.from_attributes(entry)
+    assert back.attributes() == layer.attributes()
+    assert back.weight.shape == weight.shape and np.isnan(back.weight).all() and back.weight.strides == (0,) * weight.ndim

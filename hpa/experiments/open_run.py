@@ -197,41 +197,12 @@ class Run:
 
 def structure_from_record(record: dict[str, Any]):
     """A ConvGraph of graph.json's layers, ready for :func:`hpa.rebind` (placeholder weights, no memory)."""
-    from hpa.graph import ConvGraph, Skipped
+    from hpa.graph import ConvGraph, Layer, Skipped
 
-    layers = [_layer(entry) for entry in record["layers"]]
+    layers = [Layer.from_attributes(entry) for entry in record["layers"]]
     skipped = [Skipped(s["name"], s["reason"], s.get("statistic")) for s in record.get("skipped", [])]
     shape = tuple(record.get("input_shape") or ()) or None
     return ConvGraph(layers, source={"spec": record.get("spec")}, skipped=skipped, input_shape=shape)
-
-
-def _layer(entry: dict[str, Any]):
-    import numpy as np
-
-    from hpa.graph import Layer, TRANSPOSED_KINDS
-
-    def tup(value):
-        return None if value is None else tuple(int(v) for v in value)
-
-    out, into, groups = entry["out_channels"], entry["in_channels"], entry["groups"] or 1
-    kernel = tuple(entry["kernel_size"])
-    if entry["kind"] == "linear":
-        shape = (out, into)
-    elif entry["kind"] in TRANSPOSED_KINDS:
-        shape = (into, out // groups, *kernel)
-    else:
-        shape = (out, into // groups, *kernel)
-    placeholder = np.broadcast_to(np.zeros((), np.float32), shape)  # rebind replaces it
-    channel_bias = np.broadcast_to(np.zeros((), np.float32), (out, into // groups)) if entry["channel_bias"] else None
-    return Layer(name=entry["name"], index=entry["index"], kind=entry["kind"], weight=placeholder,
-                 stride=tup(entry["stride"]), dilation=tup(entry["dilation"]), groups=entry["groups"],
-                 padding=None if entry["padding"] is None else tuple(tup(p) for p in entry["padding"]),
-                 output_padding=tup(entry.get("output_padding")), activation=entry["activation"],
-                 bn_folded=entry["bn_folded"], input_shape=tup(entry["input_shape"]),
-                 output_shape=tup(entry["output_shape"]), predecessors=tuple(entry["predecessors"]),
-                 via={k: tuple(v) for k, v in entry.get("via", {}).items()}, channel_bias=channel_bias,
-                 inferred=tuple(entry.get("inferred", ())), params=dict(entry.get("params", {})),
-                 branch=entry.get("branch"))
 
 
 def _number(text: str) -> float | None:
