@@ -3,7 +3,7 @@
 * one ``digits`` epoch of the default architecture (cifar:small_max), end to end through
   ``hpa.experiments.train`` (snapshot, metrics and state writes included);
 * training throughput (images/s) on CIFAR-shaped data (3x32x32 uint8, batch 128, augmentation on)
-  for a small and a VGG-sized network, with the trainer's one CPU thread;
+  for a small and a VGG-sized network, with the trainer's default CPU threads;
 * the batched augmentation alone, per 128-image batch.
 
 Run: .venv/bin/python benchmarks/bench_train_cpu.py
@@ -22,7 +22,7 @@ import torch
 from hpa.experiments.data import DeviceData, augment
 from hpa.experiments.loop import train_one_epoch
 from hpa.experiments.model import build_model
-from hpa.experiments.train import CPU_THREADS, train
+from hpa.experiments.train import default_cpu_threads, train
 from hpa.experiments.types import Dataset, Recipe
 
 
@@ -44,7 +44,7 @@ def cifar_throughput(arch: str, images: int = 1024) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     device_data = DeviceData(data, recipe, 0, torch.device("cpu"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
+    torch.set_num_threads(default_cpu_threads())
     try:
         started = time.perf_counter()
         train_one_epoch(model, optimizer, device_data, recipe, 0, 1)
@@ -52,14 +52,14 @@ def cifar_throughput(arch: str, images: int = 1024) -> None:
     finally:
         torch.set_num_threads(threads)
     print(f"CIFAR-shaped training, {arch}: {images / seconds:.0f} images/s "
-          f"({images} images in {seconds:.2f} s, {CPU_THREADS} thread)")
+          f"({images} images in {seconds:.2f} s, {default_cpu_threads()} threads)")
 
 
 def augmentation() -> None:
     batch = torch.rand(128, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)  # as the trainer runs
+    torch.set_num_threads(default_cpu_threads())  # as the trainer runs
     augment(batch, 4, True, gen)
     started = time.perf_counter()
     for _ in range(50):

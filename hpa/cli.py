@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
+    except click.UsageError as exc:  # one line, like every hpa error, with where to look
+        where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+        click.echo(f"Error: {' '.join(exc.format_message().split()).rstrip('.')}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -369,6 +373,8 @@ def _register_plugin_commands() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]),
               help="Arithmetic: fp32 (faithful), tf32 (CUDA) or bf16 autocast.  [default: fp32]")
 @click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the network.")
+@click.option("--cpu-threads", type=int, metavar="N", help="CPU training: torch threads per process; a run is "
+              "bitwise reproducible at the count it records.  [default: the usable cores / local processes]")
 @click.option("--nproc", type=click.IntRange(min=1), help="Train on N local processes (torchrun, one per GPU).")
 def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
     """Train a task's network and write a run folder (snapshots, metrics, run.json).

@@ -131,9 +131,16 @@ def test_unknown_statistic_and_bad_options(net_file, run_hpa):
     assert_bad_input(run_hpa("scan", path, "-o", "novalue"), "KEY=VALUE")
 
 
-def test_usage_errors_exit_2_without_traceback(run_hpa):
-    proc = run_hpa("scan")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Missing argument" in proc.stderr
+@pytest.mark.parametrize("args,words", [
+    (("scan",), ("Missing argument", "hpa scan --help")),
+    (("scan", "x.pth", "--bogus", "1"), ("--bogus", "hpa scan --help")),
+    (("nosuch",), ("nosuch", "hpa --help")),
+    (("train", "--plugin", "digits", "--epochs", "abc"), ("--epochs", "abc", "hpa train --help")),
+    (("train", "--plugin", "digits", "--precision", "fp8"), ("--precision", "fp8")),
+])
+def test_usage_errors_are_one_line_naming_the_help(run_hpa, tmp_path, args, words):
+    assert_bad_input(run_hpa(*args), *words)
+    assert list(tmp_path.iterdir()) == []  # run_hpa's working folder: nothing written
 
 
 def test_debug_shows_the_traceback(run_hpa):

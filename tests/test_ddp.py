@@ -127,3 +127,37 @@ def test_nproc_refuses_bad_input_before_launching(run_hpa, tmp_path):
     assert_bad_input(run_hpa("train", "--resume", tmp_path, "--nproc", "2"), "not an hpa run folder")
     assert_bad_input(run_hpa("train", "--plugin", "digits", "--nproc", "2", "--seeds", "0,1", "--out",
                              tmp_path / "new"), "--seeds")
+
+
+def test_bad_input_found_by_every_rank_is_one_line(run_hpa, tmp_path):
+    """Both ranks find the dataset missing: the user sees hpa's one line once, not a launcher's report."""
+    proc = run_hpa("train", "--plugin", "cifar10", "--data", tmp_path / "missing", "--device", "cpu",
+                   "--nproc", "2", "--out", tmp_path / "run")
+    assert_bad_input(proc, "CIFAR10 files missing", "--data")
+    assert not (tmp_path / "run").exists()
+
+
+# Rank 1 alone refuses to start; rank 0 waits for it in the rendezvous until the launcher stops it.
+RANK_ONE_FAILS = """
+import os
+if os.environ.get("RANK") == "1":
+    import hpa.experiments.distributed as distributed
+    from hpa.errors import OptionError
+
+    def join(device):
+        raise OptionError("rank one cannot use its device; pick another with --device")
+
+    distributed.join = join
+"""
+
+
+def test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0(run_hpa, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK_ONE_FAILS)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    proc = run_hpa("train", *ARGS, "--nproc", "2", "--out", tmp_path / "run", env=env)
+    assert_bad_input(proc, "rank one cannot use its device", "--device")
+    assert time.monotonic() - started < 120  # rank 0 was stopped, not left waiting for its peer
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ bit for bit.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ def plain_training(run, cifar_dir) -> dict[str, np.ndarray]:
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, foreach=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as hpa trains on CPU: conv reductions depend on the thread count
+    # conv reductions depend on the thread count: use the one the run records
+    torch.set_num_threads(json.loads((run / "run.json").read_text())["config"]["cpu_threads"])
     try:
         for epoch in range(1, recipe.epochs + 1):
             for group in optimizer.param_groups:
@@ -131,6 +133,35 @@ def test_precision_flags_are_checked(run_hpa, fast_run):
     assert_bad_input(run_hpa("train", "--plugin", "digits", "--device", "cpu", "--precision", "tf32",
                              "--out", "x"), "tf32", "--device cpu")
     assert_bad_input(run_hpa("train", "--resume", fast_run, "--precision", "bf16"), "--precision", "fp32")
+
+
+def test_cpu_threads_default_to_the_usable_cores_per_local_process(monkeypatch):
+    from hpa.experiments.train import default_cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_cpu_threads() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this node share the cores
+    assert default_cpu_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert default_cpu_threads() == 1
+
+
+def test_cpu_threads_are_recorded_and_older_runs_resume_on_one_thread(fast_run):
+    from hpa.experiments.train import config_from_record
+
+    record = json.loads((fast_run / "run.json").read_text())
+    assert record["config"]["cpu_threads"] == record["host"]["threads"] == len(os.sched_getaffinity(0))
+    assert config_from_record(record).cpu_threads == record["config"]["cpu_threads"]
+    del record["config"]["cpu_threads"]  # run.json as written before --cpu-threads, when CPU runs used one
+    assert config_from_record(record).cpu_threads == 1
+
+
+@pytest.mark.parametrize("value,words", [("0", ("--cpu-threads", "positive")), ("two", ("--cpu-threads", "two"))])
+def test_cpu_threads_flag_is_checked(run_hpa, tmp_path, value, words):
+    assert_bad_input(run_hpa("train", "--plugin", "digits", "--device", "cpu", "--cpu-threads", value,
+                             "--out", tmp_path / "run"), *words)
+    assert not (tmp_path / "run").exists()
 
 
 def test_host_copy_is_a_snapshot_and_the_writer_reports_failures():

@@ -19,7 +19,9 @@ import pytest
 from conftest import assert_bad_input
 
 # Small batches: more optimizer steps (so momentum matters) and epochs long enough to kill inside.
-ARGS = ("--plugin", "digits", "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--seed", "7")
+# Two threads on any machine: multi-threaded CPU reductions must reproduce at a fixed thread count.
+ARGS = ("--plugin", "digits", "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--seed", "7",
+        "--cpu-threads", "2")
 
 # Runs the real CLI, but the N-th atomic write whose target ends with $KILL_TARGET writes half
 # its bytes to the temporary file and then kills the whole process with SIGKILL.
@@ -119,6 +121,7 @@ def test_resume_refuses_different_arguments(run_hpa, reference):
     assert "0.5" in line
     assert_bad_input(run_hpa("train", "--resume", reference, "--seed", "8"), "--seed", "7")
     assert_bad_input(run_hpa("train", "--resume", reference, "--plugin", "mnist"), "--plugin", "digits")
+    assert_bad_input(run_hpa("train", "--resume", reference, "--cpu-threads", "1"), "--cpu-threads", "2")
 
 
 def test_resume_of_a_complete_run_changes_nothing(run_hpa, reference):

@@ -37,7 +37,7 @@ def train_command(name: str, epochs: int | None = None) -> list[str]:
         at = flags.index("--epochs")
         flags[at + 1] = str(epochs)
     return ["--plugin", "digits", "--arch", f"zoo:{name}", "--seed", str(config.seed), *flags,
-            "--device", "cpu", "--stat", "none"]
+            "--device", "cpu", "--cpu-threads", "1", "--stat", "none"]  # the one thread that trained them
 
 
 def train(name: str, run_dir: str | Path, epochs: int | None = None,

@@ -3,16 +3,21 @@
 Each process trains on its rows of the single-process run's global batches and the
 gradients are summed (see ``hpa.experiments.loop``), so N processes follow the
 one-process recipe with no learning-rate rescaling.  Rank 0 alone writes the run
-folder and shows progress.  The environment variables that torchrun sets
-(RANK, WORLD_SIZE, LOCAL_RANK) are read without importing torch, so ``hpa --help``
-stays fast.
+folder and shows progress.  ``--nproc`` starts the ranks with hpa's own launcher
+(below); several nodes use torchrun.  The environment variables both set (RANK,
+WORLD_SIZE, LOCAL_RANK) are read without importing torch, so ``hpa --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from hpa.errors import OptionError
@@ -29,18 +34,135 @@ def is_lead() -> bool:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``hpa ARGV`` on ``nproc`` local processes through ``torch.distributed.run``; its exit code.
+    """Run ``hpa ARGV`` on ``nproc`` local processes, set up as torchrun sets up its ranks; the exit code.
 
-    ``argv`` must not contain ``--nproc`` (the started processes would launch again).
+    hpa's own small launcher rather than torchrun's agent, so that ``--nproc`` fails the way a
+    single process does: one line, exit status 2, no launcher traceback.  Rank 0's output is
+    passed through as it comes; the other ranks' is held back and only the error of a rank
+    that fails first is shown (once, if rank 0 has not shown the same line).  When one rank
+    fails, the others get :data:`GRACE_SECONDS` to stop, then are killed: they would wait in
+    a collective for the failed one.  ``argv`` must not contain ``--nproc``.
     """
     if nproc < 1:
         raise OptionError(f"--nproc must be a positive number of processes, not {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "hpa", *argv]
-    # torchrun would set OMP_NUM_THREADS=1 itself, with a banner; the CPU trainer uses one thread anyway.
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
-    # Inherits stdout/stderr: rank 0's progress lines appear as they are written.
-    return subprocess.call(command, env=env)
+    if sys.stderr.isatty() and not {"--progress", "--no-progress", "--quiet"} & set(argv):
+        argv = [*argv, "--progress"]  # rank 0 writes to a pipe: keep the live bar a terminal gets
+    return _Ranks(nproc, argv).run()
+
+
+GRACE_SECONDS = 5.0
+
+
+class _Ranks:
+    """The processes of one ``--nproc`` run and their output."""
+
+    def __init__(self, nproc: int, argv: list[str]) -> None:
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0",
+               # as torchrun does; the CPU trainer sets its own count (--cpu-threads)
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.muted = threading.Event()  # set once another rank failed first: rank 0's words no longer count
+        self.shown: collections.deque[str] = collections.deque(maxlen=64)  # rank 0's last lines on stderr
+        self.held: list[collections.deque[str]] = []
+        self.procs: list[subprocess.Popen] = []
+        self.readers: list[threading.Thread] = []
+        self.signalled: int | None = None  # a signal the launcher passed on to the ranks
+        for rank in range(nproc):
+            proc = subprocess.Popen([sys.executable, "-m", "hpa", *argv],
+                                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                    stdout=None if rank == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE)
+            held: collections.deque[str] = collections.deque(maxlen=64)
+            reader = threading.Thread(target=self._read, args=(proc.stderr, held, rank == 0), daemon=True)
+            reader.start()
+            self.procs.append(proc)
+            self.held.append(held)
+            self.readers.append(reader)
+
+    def run(self) -> int:
+        previous = signal.signal(signal.SIGTERM, self._pass_on)
+        try:
+            failure = self._first_failure()
+        except KeyboardInterrupt:  # Ctrl-C reached every rank too: each stops as it would alone
+            self.muted.set()
+            self._stop()
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if failure is None:
+            self._join_readers()
+            return 0
+        rank, code = failure
+        self._stop()
+        if self.signalled is not None:  # stopped on request, as one process would be: no error to report
+            return 128 + self.signalled
+        if rank != 0:
+            self._report(rank, code)
+        return code if code > 0 else 128 - code
+
+    def _first_failure(self) -> tuple[int, int] | None:
+        """(rank, exit code) of the first rank to fail, or None once all succeeded."""
+        while True:
+            codes = [proc.poll() for proc in self.procs]
+            for rank, code in enumerate(codes):
+                if code not in (None, 0):
+                    if rank != 0:
+                        self.muted.set()
+                    return rank, code
+            if all(code == 0 for code in codes):
+                return None
+            time.sleep(0.05)
+
+    def _stop(self) -> None:
+        deadline = time.monotonic() + GRACE_SECONDS
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._join_readers()
+
+    def _report(self, rank: int, code: int) -> None:
+        lines = [line for line in self.held[rank] if line.strip()]
+        errors = [line for line in lines if line.startswith("Error:")]
+        # hpa's own errors are one line; anything else (a crash) shows what the rank printed.
+        shown = errors[-1:] if errors else lines[-20:] or [f"Error: process {rank} of --nproc stopped with "
+                                                               f"status {code}; run it with --nproc 1 to see why"]
+        for line in shown:
+            if line not in self.shown:
+                sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def _read(self, stream, held: collections.deque[str], passed_on: bool) -> None:
+        """Keep the last lines of ``stream``; pass rank 0's through as they come (``\\r`` bars too)."""
+        partial = b""
+        while chunk := os.read(stream.fileno(), 65536):
+            if passed_on and not self.muted.is_set():
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                target = self.shown
+            else:
+                target = held
+            *complete, partial = (partial + chunk).split(b"\n")
+            target.extend(line.decode(errors="replace").rsplit("\r", 1)[-1] for line in complete)
+        stream.close()
+
+    def _join_readers(self) -> None:
+        for reader in self.readers:
+            reader.join(timeout=GRACE_SECONDS)
+
+    def _pass_on(self, signum, frame) -> None:
+        """SIGTERM to the launcher (a batch system's stop) reaches every rank, as it would one process."""
+        self.signalled = signum
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -120,10 +242,10 @@ def join(device: str) -> World | None:
 
 
 def _die_with_launcher() -> None:
-    """Ask Linux to SIGKILL this rank when its torchrun agent dies.
+    """Ask Linux to SIGKILL this rank when its launcher (hpa's ``--nproc`` or torchrun's agent) dies.
 
-    torchrun starts every rank in a session of its own, so killing the launcher's process
-    group (kill -9, a batch system's kill) would leave the ranks training, and writing the
+    torchrun starts every rank in a session of its own, and either launcher can be killed alone
+    (kill -9 of its pid, a batch system's kill): the ranks would go on training, and writing the
     run folder, as orphans while a ``--resume`` starts.  Elsewhere this does nothing.
     """
     import ctypes

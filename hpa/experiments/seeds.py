@@ -80,7 +80,8 @@ def _recorded_options(folder: Path) -> dict[str, Any]:
     return {"task": config["task"], "arch": config["arch"], "device": config["device"],
             "snapshot_every": config["snapshot_every"], "statistics": config.get("statistics", ()),
             "data": record.get("data_dir"), "recipe_name": config.get("recipe_name"),
-            "precision": config.get("precision"), "compiled": config.get("compiled"), **config.get("noise", {}),
+            "precision": config.get("precision"), "compiled": config.get("compiled"),
+            "cpu_threads": config.get("cpu_threads"), **config.get("noise", {}),
             **config["recipe"]}
 
 

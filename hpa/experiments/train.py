@@ -9,6 +9,7 @@ after ``kill -9`` ends bitwise equal, on CPU, to one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,9 +27,6 @@ from hpa.experiments.types import (DEFAULT_RECIPE, INITS, NAMED_RECIPES, SCHEDUL
                                    named_recipe, noise_fields, noise_from_flags, recipe_fields)
 
 FORMAT = 1  # of run.json
-# CPU reductions depend on the thread count; one thread makes a CPU run give the same bytes on
-# every machine (as zoo/train.py did) and is robust on a shared machine.
-CPU_THREADS = 1
 
 
 class TrainingError(HpaError):
@@ -50,12 +48,15 @@ class TrainConfig:
     compiled: bool = False  # torch.compile: changes rounding only
     recipe_name: str = DEFAULT_RECIPE  # the named recipe the recipe started from (types.NAMED_RECIPES)
     noise: Noise = Noise()  # corruption of the stored dataset; noise_seed None: the run seed
+    # CPU runs: torch threads per process.  CPU reductions depend on the thread count, so a run is
+    # bitwise reproducible (and resumable) at the count it records; None on CUDA, where it changes nothing.
+    cpu_threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "arch": self.arch, "seed": self.seed, "recipe": self.recipe.to_dict(),
                 "snapshot_every": self.snapshot_every, "device": self.device,
                 "statistics": list(self.statistics), "precision": self.precision, "compiled": self.compiled,
-                "recipe_name": self.recipe_name, "noise": self.noise.to_dict()}
+                "recipe_name": self.recipe_name, "noise": self.noise.to_dict(), "cpu_threads": self.cpu_threads}
 
 
 def list_tasks() -> list[Task]:
@@ -87,7 +88,7 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
           arch: str | None = None, seed: int | None = None, device: str | None = None,
           data: str | Path | None = None, download: bool = False, snapshot_every: int | None = None,
           statistics: tuple[str, ...] | list[str] | None = None,
-          precision: str | None = None, compiled: bool | None = None,
+          precision: str | None = None, compiled: bool | None = None, cpu_threads: int | None = None,
           progress: Callable[[str], None] | None = None, command: str | None = None,
           recipe_name: str | None = None, **recipe_values: Any) -> Path:
     """Train ``task`` into the new folder ``out``, or continue the run in ``resume``; returns the folder.
@@ -106,7 +107,7 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
     statistics = None if statistics is None else tuple(s for s in statistics if s != "none")
     given = {"task": task, "arch": arch, "seed": seed, "device": device, "snapshot_every": snapshot_every,
              "statistics": statistics, "precision": precision, "compiled": compiled,
-             "recipe_name": recipe_name, **noise_given, **{k: v for k, v in recipe_values.items()}}
+             "cpu_threads": cpu_threads, "recipe_name": recipe_name, **noise_given, **{k: v for k, v in recipe_values.items()}}
     if resume is not None:
         if out is not None:
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
@@ -148,10 +149,30 @@ def _new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
     device = resolve_device(given["device"])
     precision = given["precision"] or "fp32"
     _check_precision(precision, device)
+    cpu_threads = _cpu_threads(given.get("cpu_threads"), device)
     return TrainConfig(task=task.name, arch=given["arch"] or task.architecture,
                        seed=int(given["seed"] or 0), recipe=recipe, snapshot_every=int(every),
                        device=device, statistics=statistics, precision=precision,
-                       compiled=bool(given["compiled"]), recipe_name=named.name, noise=noise)
+                       compiled=bool(given["compiled"]), recipe_name=named.name, noise=noise,
+                       cpu_threads=cpu_threads)
+
+
+def default_cpu_threads() -> int:
+    """The cores this process may use, shared among the processes torchrun started on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _cpu_threads(given: int | None, device: str) -> int | None:
+    if not device.startswith("cpu"):
+        if given is not None:
+            raise OptionError("--cpu-threads sets the threads of CPU training; leave it out with --device cuda")
+        return None
+    if given is None:
+        return default_cpu_threads()
+    if int(given) != given or given < 1:
+        raise OptionError(f"--cpu-threads must be a positive number of threads, not {given}")
+    return int(given)
 
 
 def _check_precision(precision: str, device: str) -> None:
@@ -212,7 +233,9 @@ def config_from_record(record: dict[str, Any]) -> TrainConfig:
                        snapshot_every=saved["snapshot_every"], device=saved["device"],
                        statistics=tuple(saved.get("statistics", ())), precision=saved.get("precision", "fp32"),
                        compiled=bool(saved.get("compiled", False)),
-                       recipe_name=saved.get("recipe_name", DEFAULT_RECIPE), noise=Noise(**saved.get("noise", {})))
+                       recipe_name=saved.get("recipe_name", DEFAULT_RECIPE), noise=Noise(**saved.get("noise", {})),
+                       # runs recorded before the option trained CPU runs on one thread
+                       cpu_threads=saved.get("cpu_threads", 1 if str(saved["device"]).startswith("cpu") else None))
 
 
 def _refuse_differences(config: TrainConfig, given: dict[str, Any]) -> None:
@@ -332,6 +355,7 @@ class _Trainer:
         import torch
 
         from hpa.experiments.data import DeviceData
+        from hpa.experiments.loop import steady_host_memory
 
         shard = None if self.world is None else (self.world.rank, self.world.size)
         data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device, shard=shard,
@@ -340,10 +364,12 @@ class _Trainer:
         deterministic = torch.are_deterministic_algorithms_enabled()
         threads = torch.get_num_threads()
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
-        if self.device.type == "cpu":
-            torch.set_num_threads(CPU_THREADS)
+        if self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)
         try:
-            with torch.random.fork_rng(devices=devices):  # dropout draws from the global RNG; leave it as found
+            host = steady_host_memory() if self.device.type == "cpu" else contextlib.nullcontext()
+            # dropout draws from the global RNG: leave it as found
+            with torch.random.fork_rng(devices=devices), host:
                 for epoch in range(first_epoch, self.config.recipe.epochs + 1):
                     self._epoch(data, epoch)
             self.writer.close()
@@ -454,7 +480,8 @@ class _Trainer:
             "normalisation": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
             "versions": _versions(),
             "host": {"platform": f"{platform.system()}-{platform.machine()}", "python": platform.python_version(),
-                     "threads": CPU_THREADS if self.device.type == "cpu" else _threads(), "device_name": _device_name(self.device)},
+                     "threads": self.config.cpu_threads or _threads(),
+                     "device_name": _device_name(self.device)},
             "command": command,
             "processes": 1 if self.world is None else self.world.size,
         }
