@@ -162,6 +162,7 @@ class Layer:
             padding=None if entry.get("padding") is None else tuple(tuple(p) for p in entry["padding"]),
             dilation=_tuple(entry.get("dilation")), groups=entry.get("groups"),
             output_padding=_tuple(entry.get("output_padding")), activation=entry.get("activation"),
+            activation_params=dict(entry.get("activation_params") or {}),
             bn_folded=bool(entry.get("bn_folded")), input_shape=_tuple(entry.get("input_shape")),
             output_shape=_tuple(entry.get("output_shape")), predecessors=tuple(entry.get("predecessors", ())),
             via={k: tuple(v) for k, v in (entry.get("via") or {}).items()}, channel_bias=channel_bias,
@@ -183,6 +184,7 @@ class Layer:
             "groups": None if self.groups is None else int(self.groups),
             "output_padding": _list(self.output_padding) if self.transposed else None,
             "activation": self.activation,
+            "activation_params": {k: float(v) for k, v in self.activation_params.items()},  # e.g. negative_slope
             "bn_folded": bool(self.bn_folded),
             "input_shape": _list(self.input_shape),
             "output_shape": _list(self.output_shape),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -157,11 +158,57 @@ def test_cpu_threads_are_recorded_and_older_runs_resume_on_one_thread(fast_run):
     assert config_from_record(record).cpu_threads == 1
 
 
+def test_training_runs_on_the_recorded_thread_count_and_restores_the_callers(tmp_path):
+    from hpa.experiments.train import train
+
+    caller = torch.get_num_threads()
+    wanted = caller + 1  # not the default: the trainer must set it
+    seen = []
+    run = train("digits", out=tmp_path / "run", epochs=1, device="cpu", statistics=["none"], cpu_threads=wanted,
+                progress=lambda line: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {wanted}  # progress lines come from inside the training loop
+    assert torch.get_num_threads() == caller
+    assert json.loads((run / "run.json").read_text())["config"]["cpu_threads"] == wanted
+
+
 @pytest.mark.parametrize("value,words", [("0", ("--cpu-threads", "positive")), ("two", ("--cpu-threads", "two"))])
 def test_cpu_threads_flag_is_checked(run_hpa, tmp_path, value, words):
     assert_bad_input(run_hpa("train", "--plugin", "digits", "--device", "cpu", "--cpu-threads", value,
                              "--out", tmp_path / "run"), *words)
     assert not (tmp_path / "run").exists()
+
+
+def _faults_of_a_second_allocation() -> int:
+    """Page faults of touching 64 MiB again after the same 64 MiB was allocated, touched and freed."""
+    import resource
+
+    block = torch.ones(16 * 2**20)  # 64 MiB of float32, written: every page mapped
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16 * 2**20)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del block
+    return faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_cpu_training_keeps_freed_host_memory_mapped():
+    """Inside steady_host_memory a freed block is reused without faulting its pages in again."""
+    from hpa.experiments.loop import steady_host_memory
+
+    pages = 64 * 2**20 // resource_page_size()
+    assert _faults_of_a_second_allocation() > pages // 2  # glibc's default: the block went back to the kernel
+    with steady_host_memory():
+        # The heap grows once or twice, then every freed block is reused.
+        faulted = [_faults_of_a_second_allocation() > pages // 2 for _ in range(12)]
+        assert sum(faulted) <= 3, faulted
+    assert _faults_of_a_second_allocation() > pages // 2  # the defaults are back afterwards
+
+
+def resource_page_size() -> int:
+    import resource
+
+    return resource.getpagesize()
 
 
 def test_host_copy_is_a_snapshot_and_the_writer_reports_failures():

@@ -159,7 +159,8 @@ def test_attributes_describe_the_layer_in_plain_json():
     assert attrs == {
         "index": 3, "name": "block.conv", "kind": "conv2d", "out_channels": 8, "in_channels": 4,
         "kernel_size": [3, 3], "stride": [2, 1], "padding": [[1, 0], [1, 2]], "dilation": [1, 1], "groups": 2,
-        "output_padding": None, "activation": "leaky_relu", "bn_folded": True, "input_shape": [4, 9, 9],
+        "output_padding": None, "activation": "leaky_relu", "activation_params": {"negative_slope": 0.1},
+        "bn_folded": True, "input_shape": [4, 9, 9],
         "output_shape": [8, 5, 10], "predecessors": ["input", "stem"], "via": {"input": [], "stem": ["relu", "add"]},
         "channel_bias": True, "inferred": ["stride", "padding"],
         "params": {"weight": "block.conv.weight", "bn.eps": 1e-5}, "branch": "If_0/then_branch",
@@ -414,8 +415,9 @@ def test_from_attributes_inverts_attributes_with_placeholder_weights(module, kin
                   dilation=None if kind == "linear" else tuple(module.dilation),
                   padding=None if kind == "linear" else tuple((p, p) for p in module.padding),
                   groups=getattr(module, "groups", 1), inferred=("stride",), params={"weight": "x.weight"},
-                  branch="If_0/then_branch")
+                  branch="If_0/then_branch", activation="leaky_relu", activation_params={"negative_slope": 0.2})
     entry = json.loads(json.dumps(layer.attributes()))
     back = Layer.from_attributes(entry)
     assert back.attributes() == layer.attributes()
+    assert back.activation_params == {"negative_slope": 0.2}  # a run: graph keeps the leaky slope
     assert back.weight.shape == weight.shape and np.isnan(back.weight).all() and back.weight.strides == (0,) * weight.ndim

@@ -84,7 +84,11 @@ class _Ranks:
             failure = self._first_failure()
         except KeyboardInterrupt:  # Ctrl-C reached every rank too: each stops as it would alone
             self.muted.set()
-            self._stop()
+            try:
+                self._stop()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+                for proc in self.procs:
+                    proc.kill()
             return 130
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -52,8 +52,8 @@ def steady_host_memory():
 
     glibc returns every block above its mmap threshold (at most 32 MiB) to the kernel when it is
     freed, so each step page-faults the same gradients and temporaries in again: for VGG-19's
-    100-million-weight classifier that is a quarter of a CPU step (2 threads: 58 -> 73 images/s
-    without it).  Inside the block every block comes from the heap, which is never trimmed;
+    100-million-weight classifier that is a quarter of a CPU step (2 threads: 58 images/s without
+    this, 73 with it).  Inside the block every block comes from the heap, which is never trimmed;
     afterwards glibc's defaults are set again and the heap is trimmed.  Elsewhere it does nothing.
     """
     libc = _glibc()

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from hpa.errors import HpaError, LoadError, OptionError
-
-GRAPH_JSON = "graph.json"
-SERIES = "series.csv"
-METRICS = "metrics.jsonl"
+from hpa.experiments.run import GRAPH_JSON, METRICS
+from hpa.experiments.stats import SERIES, finite_number
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -174,7 +171,7 @@ class Run:
                 continue
             with open(path, newline="") as handle:
                 for row in csv.DictReader(handle):
-                    values = {k: _number(v) for k, v in row.items() if k not in ("epoch", "layer")}
+                    values = {k: finite_number(v) for k, v in row.items() if k not in ("epoch", "layer")}
                     rows.append({"seed": seed, "epoch": int(row["epoch"]), "layer": row["layer"], **values})
         return rows
 
@@ -203,14 +200,6 @@ def structure_from_record(record: dict[str, Any]):
     skipped = [Skipped(s["name"], s["reason"], s.get("statistic")) for s in record.get("skipped", [])]
     shape = tuple(record.get("input_shape") or ()) or None
     return ConvGraph(layers, source={"spec": record.get("spec")}, skipped=skipped, input_shape=shape)
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

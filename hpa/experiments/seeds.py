@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hpa.errors import HpaError, OptionError
-from hpa.experiments.stats import SERIES, _csv
+from hpa.experiments.run import METRICS
+from hpa.experiments.stats import SERIES, _csv, finite_number
 from hpa.files import atomic_write_text
 
 SEEDS_JSON = "seeds.json"
@@ -92,7 +92,7 @@ def _given(given: dict[str, Any]) -> dict[str, Any]:
 def write_summary(out: Path, seeds: list[int]) -> None:
     rows = {seed: _read_series(out / f"seed-{seed}" / SERIES) for seed in seeds}
     atomic_write_text(out / "summary.csv", _csv(_mean_std(rows, ("epoch", "layer"))))
-    metrics = {seed: _read_metrics(out / f"seed-{seed}" / "metrics.jsonl") for seed in seeds}
+    metrics = {seed: _read_metrics(out / f"seed-{seed}" / METRICS) for seed in seeds}
     summary = {"seeds": seeds, "metrics": _mean_std(metrics, ("epoch",))}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     _write_figures(out)
@@ -116,20 +116,12 @@ def _mean_std(per_seed: dict[int, list[dict[str, Any]]], keys: tuple[str, ...]) 
         summary: dict[str, Any] = dict(zip(keys, key))
         summary["n_seeds"] = len(rows)
         for column in [c for c in rows[0] if c not in keys]:
-            values = [_number(row.get(column)) for row in rows]
+            values = [finite_number(row.get(column)) for row in rows]
             if all(v is not None for v in values):
                 summary[f"{column}.mean"] = float(np.mean(values))
                 summary[f"{column}.std"] = float(np.std(values))
         out.append(summary)
     return sorted(out, key=lambda r: (int(r["epoch"]), *[str(r[k]) for k in keys[1:]]))
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _read_series(path: Path) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,6 +145,15 @@ def _retrace(model, state, input_size):
     probe = copy.deepcopy(model).cpu()
     probe.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
     return hpa.load(probe, input_size=input_size)
+
+
+def finite_number(value: Any) -> float | None:
+    """A series.csv (or metrics) cell as a finite float; None for blanks, text, NaN and infinities."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

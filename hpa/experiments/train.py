@@ -107,7 +107,8 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
     statistics = None if statistics is None else tuple(s for s in statistics if s != "none")
     given = {"task": task, "arch": arch, "seed": seed, "device": device, "snapshot_every": snapshot_every,
              "statistics": statistics, "precision": precision, "compiled": compiled,
-             "cpu_threads": cpu_threads, "recipe_name": recipe_name, **noise_given, **{k: v for k, v in recipe_values.items()}}
+             "cpu_threads": cpu_threads, "recipe_name": recipe_name, **noise_given,
+             **{k: v for k, v in recipe_values.items()}}
     if resume is not None:
         if out is not None:
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
