@@ -375,7 +375,8 @@ def _register_plugin_commands() -> None:
 @click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the network.")
 @click.option("--cpu-threads", type=int, metavar="N", help="CPU training: torch threads per process; a run is "
               "bitwise reproducible at the count it records.  [default: the usable cores / local processes]")
-@click.option("--nproc", type=click.IntRange(min=1), help="Train on N local processes (one per GPU), started as torchrun starts them.")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Train on N local processes (one per GPU), started as torchrun starts them.")
 def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
     """Train a task's network and write a run folder (snapshots, metrics, run.json).
 
