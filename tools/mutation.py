@@ -129,6 +129,16 @@ MUTANTS = (
     Mutant("files: the staging folder is left behind when the writer fails", ("hpa/files.py",),
            "            _remove_tree(staging)\n            for folder in reversed(created):\n",
            "            for folder in reversed(created):\n", (FILES,)),
+    # -- the trainer's speed and launch choices (issue 11) --
+    Mutant("trainer: the recorded --cpu-threads is not applied", ("hpa/experiments/train.py",),
+           "        if self.config.cpu_threads is not None:\n",
+           "        if False:\n", ("tests/test_fast_path.py",)),
+    Mutant("trainer: freed host memory still goes back to the kernel", ("hpa/experiments/loop.py",),
+           "    libc.mallopt(m_mmap_max, 0)\n",
+           "    libc.mallopt(m_mmap_max, 65536)\n", ("tests/test_fast_path.py",)),
+    Mutant("launcher: another rank's error is not reported", ("hpa/experiments/distributed.py",),
+           "        if rank != 0:\n            self._report(rank, code)\n",
+           "", ("tests/test_ddp.py",)),
     # -- ONNX last: its loader is being split into a package, so these are found by snippet --
     Mutant("onnx: pads begin/end swapped", ONNX_FILES,
            "return tuple((pads[i], pads[i + dims]) for i in range(dims))\n",
