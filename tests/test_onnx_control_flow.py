@@ -431,18 +431,23 @@ def test_dynamo_opset18_export(tmp_path):
 
 # -- Loop and Scan bodies -----------------------------------------------------------------------------
 
-def _loop_model(conv: nn.Conv2d, trips: int):
-    """x -> Loop(trips) { relu(conv(x)) } with the weights as initializers of the main graph."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Conv", ["carried", "block.weight", "block.bias"], ["conv_out"], name="conv", pads=[1] * 4),
-         helper.make_node("Relu", ["conv_out"], ["carried_out"])],
+def _loop_body(nodes, shape):
+    """A Loop body carrying one tensor of ``shape`` ("carried" -> "carried_out"); the condition passes through."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), *nodes],
         "body",
         [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
          helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried", TensorProto.FLOAT, [1, 4, 8, 8])],
+         helper.make_tensor_value_info("carried", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [1, 4, 8, 8])])
+         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, shape)])
+
+
+def _loop_model(conv: nn.Conv2d, trips: int):
+    """x -> Loop(trips) { relu(conv(x)) } with the weights as initializers of the main graph."""
+    body = _loop_body(
+        [helper.make_node("Conv", ["carried", "block.weight", "block.bias"], ["conv_out"], name="conv", pads=[1] * 4),
+         helper.make_node("Relu", ["conv_out"], ["carried_out"])], [1, 4, 8, 8])
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="Loop_0", body=body)], "looped",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
@@ -505,14 +510,7 @@ def test_nested_subgraphs_and_owners_with_one_name(tmp_path):
         return helper.make_node("If", ["cond"], [output], name=name, then_branch=conv_branch("t", first, source),
                                 else_branch=conv_branch("e", second, source))
 
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), if_node("carried", "carried_out", "w0", "w1")],
-        "body",
-        [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried", TensorProto.FLOAT, [1, 4, 6, 6])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [1, 4, 6, 6])])
+    body = _loop_body([if_node("carried", "carried_out", "w0", "w1")], [1, 4, 6, 6])
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "", "x"], ["looped"], body=body),
          if_node("looped", "mid", "w2", "w3"), if_node("mid", "y", "w4", "w5", name="")], "nested",
