@@ -161,3 +161,36 @@ def test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0(run_hpa, tm
     assert_bad_input(proc, "rank one cannot use its device", "--device")
     assert time.monotonic() - started < 120  # rank 0 was stopped, not left waiting for its peer
     assert not (tmp_path / "run").exists()
+
+
+# Two ranks join, trace a model as the trainer does (which imports torch._dynamo), sum once and
+# close.  Gloo's worker threads must be gone then: threads that outlive the group can still be
+# finishing a collective when the interpreter exits, which aborts the process (exit 134).
+CLOSE_ENDS_GLOO_THREADS = """
+import os
+import torch
+import hpa
+from hpa.experiments.distributed import join
+
+world = join("cpu")
+hpa.load(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), input_size=(3, 8, 8))
+world.sum(torch.ones(3))
+world.close()
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print(sorted(name for name in names if "gloo" in name))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
+def test_closing_the_group_ends_its_worker_threads(tmp_path):
+    from hpa.experiments.distributed import _free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", CLOSE_ENDS_GLOO_THREADS], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "pt_gloo_runloop" not in out, out
+        assert out.strip().startswith("[")  # the script got as far as listing its threads

@@ -236,6 +236,11 @@ def join(device: str) -> World | None:
     import torch.distributed as dist
 
     _die_with_launcher()
+    # Imported after the group exists, torch._dynamo keeps references to it (torch 2.15): the group
+    # then outlives destroy_process_group, and a gloo worker thread still finishing a collective
+    # at interpreter exit aborts the process ("terminate called without an active exception").
+    # hpa's tracer imports torch._dynamo anyway, so import it before the group.
+    import torch._dynamo  # noqa: F401
     parsed = torch.device(device)
     if parsed.type == "cuda":
         parsed = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
