@@ -163,6 +163,31 @@ def test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0(run_hpa, tm
     assert not (tmp_path / "run").exists()
 
 
+# Rank 1 crashes (as a segfault or a C++ abort would) before it joins; rank 0 waits in the rendezvous.
+RANK_ONE_ABORTS = """
+import os
+if os.environ.get("RANK") == "1":
+    import hpa.experiments.distributed as distributed
+
+    def join(device):
+        os.abort()
+
+    distributed.join = join
+"""
+
+
+def test_a_rank_that_crashes_is_named_with_its_signal(run_hpa, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK_ONE_ABORTS)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = run_hpa("train", *ARGS, "--nproc", "2", "--out", tmp_path / "run", env=env)
+    assert proc.returncode == 128 + signal.SIGABRT
+    assert proc.stderr.splitlines() == ["Error: process 1 of --nproc was killed by SIGABRT (it printed nothing); run "
+                                        "with --nproc 1 to see whether one process fails the same way"]
+    assert not (tmp_path / "run").exists()
+
+
 # Two ranks join, trace a model as the trainer does (which imports torch._dynamo), sum once and
 # close.  Gloo's worker threads must be gone then: threads that outlive the group can still be
 # finishing a collective when the interpreter exits, which aborts the process (exit 134).

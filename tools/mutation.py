@@ -137,8 +137,10 @@ MUTANTS = (
            "    libc.mallopt(m_mmap_max, 0)\n",
            "    libc.mallopt(m_mmap_max, 65536)\n", ("tests/test_fast_path.py",)),
     Mutant("launcher: another rank's error is not reported", ("hpa/experiments/distributed.py",),
-           "        if rank != 0:\n            self._report(rank, code)\n",
+           "        self._report(rank, code)\n",
            "", ("tests/test_ddp.py",)),
+    Mutant("launcher: torch._dynamo imported only after the group is made", ("hpa/experiments/distributed.py",),
+           "    import torch._dynamo  # noqa: F401\n", "", ("tests/test_ddp.py",)),
     # -- ONNX last: its loader is being split into a package, so these are found by snippet --
     Mutant("onnx: pads begin/end swapped", ONNX_FILES,
            "return tuple((pads[i], pads[i + dims]) for i in range(dims))\n",

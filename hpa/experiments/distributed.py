@@ -99,8 +99,7 @@ class _Ranks:
         self._stop()
         if self.signalled is not None:  # stopped on request, as one process would be: no error to report
             return 128 + self.signalled
-        if rank != 0:
-            self._report(rank, code)
+        self._report(rank, code)
         return code if code > 0 else 128 - code
 
     def _first_failure(self) -> tuple[int, int] | None:
@@ -127,14 +126,18 @@ class _Ranks:
         self._join_readers()
 
     def _report(self, rank: int, code: int) -> None:
-        lines = [line for line in self.held[rank] if line.strip()]
+        """The failed rank's error once; a rank that failed without hpa's error line is also named."""
+        lines = [line for line in (self.shown if rank == 0 else self.held[rank]) if line.strip()]
         errors = [line for line in lines if line.startswith("Error:")]
-        # hpa's own errors are one line; anything else (a crash) shows what the rank printed.
-        shown = errors[-1:] if errors else lines[-20:] or [f"Error: process {rank} of --nproc stopped with "
-                                                               f"status {code}; run it with --nproc 1 to see why"]
-        for line in shown:
-            if line not in self.shown:
-                sys.stderr.write(line + "\n")
+        if rank != 0:  # rank 0's own lines were passed through as they came
+            for line in errors[-1:] or lines[-20:]:  # hpa's errors are one line; a crash shows its last output
+                if line not in self.shown:
+                    sys.stderr.write(line + "\n")
+        if not errors:
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"stopped with status {code}"
+            said = "its last output is above" if lines else "it printed nothing"
+            sys.stderr.write(f"Error: process {rank} of --nproc {how} ({said}); run with --nproc 1 to see whether "
+                             "one process fails the same way\n")
         sys.stderr.flush()
 
     def _read(self, stream, held: collections.deque[str], passed_on: bool) -> None:
@@ -161,6 +164,13 @@ class _Ranks:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _free_port() -> int:
