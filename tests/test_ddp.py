@@ -137,25 +137,24 @@ def test_bad_input_found_by_every_rank_is_one_line(run_hpa, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# Rank 1 alone refuses to start; rank 0 waits for it in the rendezvous until the launcher stops it.
-RANK_ONE_FAILS = """
-import os
-if os.environ.get("RANK") == "1":
-    import hpa.experiments.distributed as distributed
-    from hpa.errors import OptionError
-
-    def join(device):
-        raise OptionError("rank one cannot use its device; pick another with --device")
-
-    distributed.join = join
-"""
+def rank_one_joins_by(tmp_path, body: str) -> dict[str, str]:
+    """The environment that makes rank 1's ``join(device)`` run ``body`` instead (through sitecustomize)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import hpa.experiments.distributed as distributed\n"
+        "    from hpa.errors import OptionError\n\n"
+        "    def join(device):\n"
+        f"        {body}\n\n"
+        "    distributed.join = join\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0(run_hpa, tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(RANK_ONE_FAILS)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    """Rank 1 alone refuses to start; rank 0 waits for it in the rendezvous until the launcher stops it."""
+    env = rank_one_joins_by(tmp_path, 'raise OptionError("rank one cannot use its device; pick another with --device")')
     started = time.monotonic()
     proc = run_hpa("train", *ARGS, "--nproc", "2", "--out", tmp_path / "run", env=env)
     assert_bad_input(proc, "rank one cannot use its device", "--device")
@@ -163,24 +162,9 @@ def test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0(run_hpa, tm
     assert not (tmp_path / "run").exists()
 
 
-# Rank 1 crashes (as a segfault or a C++ abort would) before it joins; rank 0 waits in the rendezvous.
-RANK_ONE_ABORTS = """
-import os
-if os.environ.get("RANK") == "1":
-    import hpa.experiments.distributed as distributed
-
-    def join(device):
-        os.abort()
-
-    distributed.join = join
-"""
-
-
 def test_a_rank_that_crashes_is_named_with_its_signal(run_hpa, tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(RANK_ONE_ABORTS)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    """Rank 1 crashes (as a segfault or a C++ abort would) before it joins; rank 0 waits in the rendezvous."""
+    env = rank_one_joins_by(tmp_path, "os.abort()")
     proc = run_hpa("train", *ARGS, "--nproc", "2", "--out", tmp_path / "run", env=env)
     assert proc.returncode == 128 + signal.SIGABRT
     assert proc.stderr.splitlines() == ["Error: process 1 of --nproc was killed by SIGABRT (it printed nothing); run "
