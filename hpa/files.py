@@ -367,21 +367,34 @@ def _remove_stale_leftovers(target: Path) -> None:
         return
     for entry in entries:
         match = _LEFTOVER.fullmatch(entry.name)
-        if (match and match["name"] == target.name and match["host"] == _HOST_TAG
-                and not _process_alive(int(match["pid"]))):
+        if not (match and match["name"] == target.name and match["host"] == _HOST_TAG):
+            continue
+        pid = int(match["pid"])
+        state = _process_state(pid)
+        if state == "gone":
             _remove_tree(Path(entry.path))
+        elif pid != os.getpid():  # this process's own are in use; another's stays, and the user hears of it
+            from hpa.plugins import HpaWarning
+
+            owner = " (another user's)" if state == "foreign" else ""
+            warnings.warn(f"kept {entry.path}: process {pid}{owner}, which wrote it, is still running; the next "
+                          "write removes it once that process has ended, or delete it yourself if that "
+                          "process is not hpa", HpaWarning, stacklevel=2)
 
 
-def _process_alive(pid: int) -> bool:
+def _process_state(pid: int) -> str:
+    """"gone", "running" (ours to signal) or "foreign" (running as another user: ``kill`` answers EPERM)."""
     if pid == os.getpid():
-        return True
+        return "running"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:  # exists, but belongs to someone else
-        return True
-    return True
+        return "gone"
+    except PermissionError:
+        return "foreign"
+    except OSError:  # any other answer: assume it may be alive, never delete what might be in use
+        return "running"
+    return "running"
 
 
 def _remove_tree(path: Path) -> None:

@@ -146,6 +146,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar"),
+                # protocol 5 (Python 3.14's default) rebuilds an array from its bytes with _frombuffer
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                 ("_codecs", "encode")}  # how Python 3 pickles protocol <= 2 spell bytes; harmless
 
     def find_class(self, module, name):
