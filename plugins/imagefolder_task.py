@@ -34,8 +34,12 @@ def load_imagefolder(data_dir, download: bool) -> Dataset:
         raise LoadError(f"{root} has no {'/ or '.join(missing)}/ folder; an imagefolder tree "
                         "holds train/<class>/... and val/<class>/...")
     train, test = _read(root / "train"), _read(root / "val")
-    if train["classes"] != test["classes"]:
-        raise LoadError(f"{root}/train and {root}/val have different class folders; they must match")
+    if train["classes"] != test["classes"]:  # by name: a label is the index of its folder's name in both
+        only_train = sorted(set(train["classes"]) - set(test["classes"])) or ["none"]
+        only_val = sorted(set(test["classes"]) - set(train["classes"])) or ["none"]
+        raise LoadError(f"{root}/train and {root}/val have different class folders (only in train: "
+                        f"{', '.join(only_train)}; only in val: {', '.join(only_val)}); give both the same "
+                        "class folder names")
     if train["images"].shape[1:] != test["images"].shape[1:]:
         raise LoadError(f"images in {root}/val are not the size of those in {root}/train")
     source = {"dataset": "torchvision.datasets.ImageFolder", "folder": str(root), "classes": train["classes"],
