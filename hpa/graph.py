@@ -113,6 +113,10 @@ class Layer:
     params: dict[str, object] = field(default_factory=dict)
     # The control-flow branch that holds the layer ("If_0/then_branch"), None at top level.
     branch: str | None = None
+    # How the source stored the weights when they were quantized, e.g. {"format": "QLinearConv",
+    # "dtype": "int8", "per_channel": True}: ``weight`` and ``bias`` are then the dequantized values,
+    # (q - zero_point) * scale.  Empty: the source held floats.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.weight.shape))
@@ -167,7 +171,7 @@ class Layer:
             output_shape=_tuple(entry.get("output_shape")), predecessors=tuple(entry.get("predecessors", ())),
             via={k: tuple(v) for k, v in (entry.get("via") or {}).items()}, channel_bias=channel_bias,
             inferred=tuple(entry.get("inferred", ())), params=dict(entry.get("params") or {}),
-            branch=entry.get("branch"))
+            branch=entry.get("branch"), quantization=dict(entry.get("quantization") or {}))
 
     def attributes(self) -> dict[str, Any]:
         """The layer's description as JSON-ready values (no weights)."""
@@ -194,6 +198,7 @@ class Layer:
             "inferred": list(self.inferred),
             "params": {k: v.item() if hasattr(v, "item") else v for k, v in self.params.items()},  # numpy eps
             "branch": self.branch,
+            "quantization": dict(self.quantization),
         }
 
 

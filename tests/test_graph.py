@@ -136,7 +136,7 @@ def _full_layer(**overrides) -> Layer:
         input_shape=(4, 9, 9), output_shape=(8, 5, 10), predecessors=("input", "stem"),
         via={"input": (), "stem": ("relu", "add")}, channel_bias=np.zeros((8, 2)),
         inferred=("stride", "padding"), params={"weight": "block.conv.weight", "bn.eps": 1e-5},
-        branch="If_0/then_branch")
+        branch="If_0/then_branch", quantization={"format": "QLinearConv", "dtype": "int8", "per_channel": True})
     fields.update(overrides)
     return Layer(**fields)
 
@@ -164,6 +164,7 @@ def test_attributes_describe_the_layer_in_plain_json():
         "output_shape": [8, 5, 10], "predecessors": ["input", "stem"], "via": {"input": [], "stem": ["relu", "add"]},
         "channel_bias": True, "inferred": ["stride", "padding"],
         "params": {"weight": "block.conv.weight", "bn.eps": 1e-5}, "branch": "If_0/then_branch",
+        "quantization": {"format": "QLinearConv", "dtype": "int8", "per_channel": True},
     }
     _assert_plain_json(attrs)
     assert json.loads(json.dumps(attrs)) == attrs
@@ -415,7 +416,8 @@ def test_from_attributes_inverts_attributes_with_placeholder_weights(module, kin
                   dilation=None if kind == "linear" else tuple(module.dilation),
                   padding=None if kind == "linear" else tuple((p, p) for p in module.padding),
                   groups=getattr(module, "groups", 1), inferred=("stride",), params={"weight": "x.weight"},
-                  branch="If_0/then_branch", activation="leaky_relu", activation_params={"negative_slope": 0.2})
+                  branch="If_0/then_branch", activation="leaky_relu", activation_params={"negative_slope": 0.2},
+                  quantization={"format": "ConvInteger", "dtype": "uint8", "per_channel": False})
     entry = json.loads(json.dumps(layer.attributes()))
     back = Layer.from_attributes(entry)
     assert back.attributes() == layer.attributes()

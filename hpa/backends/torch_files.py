@@ -58,7 +58,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, checkpoint_key
                 warnings.simplefilter("ignore", FutureWarning)
                 return Checkpoint("torchscript", module=torch.jit.load(str(path), map_location="cpu"))
         except Exception as exc:
-            raise LoadError(f"{path} is a TorchScript archive that torch cannot load ({_first_line(exc)})") from exc
+            raise LoadError(f"{path} is a TorchScript archive that torch cannot load ({_first_line(exc)}); it is "
+                            "damaged, edited or from another torch version: save the model again with "
+                            "torch.jit.save") from exc
     obj = _torch_load(path, trust_pickle)
     return _interpret(obj, path, checkpoint_key)
 
