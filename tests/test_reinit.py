@@ -124,9 +124,11 @@ def test_final_n_l_and_spearman(run, result):
     from scipy.stats import spearmanr
 
     layers = [name for name, value in data["final_n_l"].items() if value is not None]
-    rho = spearmanr([data["final_n_l"][n] for n in layers], [data["criticality"][n] for n in layers])[0]
-    if data["spearman"]["n_l"]["rho"] is not None:
-        assert data["spearman"]["n_l"]["rho"] == pytest.approx(rho)
+    assert len(layers) == 4  # the fixture gives both correlations a value
+    n_l, drops = [data["final_n_l"][n] for n in layers], [data["criticality"][n] for n in layers]
+    for key, values in (("n_l", n_l), ("bias", [abs(v - 0.5) for v in n_l])):
+        rho, p = spearmanr(values, drops)
+        assert data["spearman"][key] == {"rho": pytest.approx(rho), "p": pytest.approx(p)}
     assert set(data["n_l_missing"]) == {name for name, value in data["final_n_l"].items() if value is None}
 
 
@@ -136,7 +138,11 @@ def test_rerandomize_is_seeded_and_averaged(run):
     other = reinit(run, rerandomize=True, draws=2, layers=["features.3"], seed=5)
     assert once.rows == again.rows
     row = once.rows[0]
-    assert row["epoch"] is None and row["accuracy_std"] >= 0
+    assert row["epoch"] is None and row["accuracy_std"] > 0  # the two draws differ
+    # Two draws on a test split of n images: mean +- std are the two accuracies, each a count over n.
+    n = len(_digits_test_split()[1])
+    for count in ((row["accuracy"] - row["accuracy_std"]) * n, (row["accuracy"] + row["accuracy_std"]) * n):
+        assert count == pytest.approx(round(count), abs=1e-6)
     assert row["accuracy"] != other.rows[0]["accuracy"] or row["loss"] != other.rows[0]["loss"]
     assert row["accuracy"] < once.trained["seed-0"]["accuracy"]
 
@@ -178,6 +184,13 @@ def test_several_seeds_give_a_heatmap_each_and_the_mean(tmp_path):
     assert result.seeds == ["seed-0", "seed-1"]
     mean = result.heatmap()
     np.testing.assert_allclose(mean, (result.heatmap("seed-0") + result.heatmap("seed-1")) / 2)
+    data = result.to_dict()  # final n_l and criticality: means over the seeds, which differ
+    assert data["per_seed_n_l"]["seed-0"] != data["per_seed_n_l"]["seed-1"]
+    for layer in result.layers():
+        per_seed = [data["per_seed_n_l"][seed][layer] for seed in result.seeds]
+        assert data["final_n_l"][layer] == pytest.approx(np.mean(per_seed))
+        first = [row["relative_drop"] for row in result.rows if row["layer"] == layer and row["epoch"] == 0]
+        assert len(first) == 2 and data["criticality"][layer] == pytest.approx(np.mean(first))
     paths = result.plot(tmp_path / "figures")
     assert {p.name for p in paths} == {"heatmap-seed-0.png", "heatmap-seed-1.png", "heatmap-mean.png",
                                        "criticality.png"}
