@@ -46,6 +46,8 @@ def load(path: str, options: LoadOptions):
     if checkpoint.key:
         source["checkpoint_key"] = checkpoint.key
         source["checkpoint_keys"] = list(checkpoint.keys)
+    if checkpoint.skipped_entries:  # read without the packages their pickled objects need
+        source["entries_not_loaded"] = {k: list(v) for k, v in checkpoint.skipped_entries.items()}
     if checkpoint.kind == "state_dict":
         return graph_from_state_dict(checkpoint.state_dict, _array(to_numpy), options.fold_bn, source,
                                      bn_eps=_option(options, "bn_eps"), module_classes=checkpoint.module_classes)
