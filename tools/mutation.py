@@ -58,6 +58,7 @@ REINIT = "hpa/experiments/reinit.py"
 NUMBERS = "tests/test_reinit_numbers.py"
 SAFETY = "tests/test_safety_paths.py"
 CIFAR = "plugins/cifar_task.py"
+SERIES_FIGURES = "tests/test_series_figures.py"
 ONNX_FILES = ("hpa/backends/onnx_graph.py", "hpa/backends/onnx/*.py")
 
 MUTANTS = (
@@ -228,6 +229,15 @@ MUTANTS = (
     Mutant("seeds summary: the std over seeds is the sample std (ddof 1)", ("hpa/experiments/seeds.py",),
            'summary[f"{column}.std"] = float(np.std(values))', 'summary[f"{column}.std"] = float(np.std(values, ddof=1))',
            ("tests/test_train.py::test_seeds_run_in_sub_folders_with_a_mean_std_summary",)),
+    Mutant("seeds summary: the mean over seeds is the first seed's value", ("hpa/experiments/seeds.py",),
+           'summary[f"{column}.mean"] = float(np.mean(values))', 'summary[f"{column}.mean"] = float(values[0])',
+           (f"{SERIES_FIGURES}::test_open_run_frames_and_the_summary_hold_each_seeds_values",)),
+    Mutant("open_run: every seed's series rows labelled with the first seed", ("hpa/experiments/open_run.py",),
+           '{"seed": seed, "epoch": int(row["epoch"])', '{"seed": self.seeds[0], "epoch": int(row["epoch"])',
+           (f"{SERIES_FIGURES}::test_open_run_frames_and_the_summary_hold_each_seeds_values",)),
+    Mutant("open_run: every seed's metrics labelled with the first seed", ("hpa/experiments/open_run.py",),
+           '{"seed": seed, **', '{"seed": self.seeds[0], **',
+           (f"{SERIES_FIGURES}::test_open_run_frames_and_the_summary_hold_each_seeds_values",)),
     Mutant("stats: a re-analysed epoch's old series rows are kept beside the new", ("hpa/experiments/stats.py",),
            'kept = [row for row in self.rows if int(row["epoch"]) != epoch]', "kept = list(self.rows)",
            ("tests/test_open_run.py::test_analyse_run_gives_what_training_with_the_statistic_gives",)),
