@@ -9,6 +9,7 @@ refused with :class:`hpa.errors.UnknownOptionError`, a ``TypeError``.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -343,12 +344,46 @@ def _check_same_architecture(graph: ConvGraph, init: ConvGraph) -> None:
                               "it must come from the same architecture")
 
 
+#: What one entry a loader skips is, by the loader or the torch file's content: for the message of a
+#: model with no conv layers ("21 ConvInteger nodes: ...").
+_ENTRY_NOUNS = {"onnx": "node", "matconvnet": "layer", "torchscript": "call", "state_dict": "tensor group",
+                "module": "module", "torchvision": "module", "timm": "module", "zoo": "module"}
+
+
 def _require_convs(graph: ConvGraph) -> None:
-    if not any(layer.kind in CONV_KINDS + TRANSPOSED_KINDS for layer in graph):
-        what = graph.source.get("spec", "the model")
-        raise UnsupportedModelError(f"{what} has no conv layers (found: "
-                                    f"{', '.join(f'{n} {k}' for k, n in graph.summary().items()) or 'nothing'}); "
-                                    "hpa analyses convolutional networks")
+    """Refuse a graph without conv layers, naming what the loader found instead: its layers by kind and
+    its skipped entries by operator and count, and the control-flow branches it searched."""
+    if any(layer.kind in CONV_KINDS + TRANSPOSED_KINDS for layer in graph):
+        return
+    what = graph.source.get("spec", "the model")
+    found = [f"{n} {kind} layer{'s' if n != 1 else ''}" for kind, n in graph.summary().items()]
+    found += _skipped_summary(graph)
+    branches = graph.source.get("branches") or ()
+    searched = f", not even inside its {len(branches)} control-flow branches" if branches else ""
+    raise UnsupportedModelError(f"{what} has no conv layers{searched} (found: "
+                                f"{'; '.join(found) or 'no layer with weights'}); hpa analyses convolutional networks")
+
+
+def _skipped_summary(graph: ConvGraph) -> list[str]:
+    """The loader's skipped entries grouped by what they are: "2 LSTM nodes: recurrent layers ... (lstm, gru)".
+
+    A reason "OP: why" groups by its operator; any other reason by its text without the trailing
+    details in parentheses (shapes, which differ from entry to entry).
+    """
+    noun = _ENTRY_NOUNS.get(graph.source.get("content") or graph.source.get("loader"), "entry")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in graph.skipped:
+        head, _, why = entry.reason.partition(": ")
+        if not why or " " in head:
+            head, why = "", re.sub(r"\s*\((?:[^()]|\([^()]*\))*\)$", "", entry.reason)
+        groups.setdefault((head, why), []).append(entry.name)
+    lines = []
+    for (head, why), names in groups.items():
+        count = len(names)
+        plural = noun if count == 1 else ("entries" if noun == "entry" else f"{noun}s")
+        examples = ", ".join(names[:3]) + (", ..." if count > 3 else "")
+        lines.append(f"{count} {head + ' ' if head else ''}{plural}: {why} ({examples})")
+    return lines
 
 
 def _load_module(module: Any, options: LoadOptions) -> ConvGraph:

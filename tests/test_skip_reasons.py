@@ -82,6 +82,9 @@ INDIRECT = {
     "plugins/projection.py:compute:reason": ("_skip_reason",),
     "hpa/backends/matconvnet.py:_run_op:_skip_reason(op)": ("_skip_reason", ".problem", "_conv_layer"),
     "hpa/backends/state_dict.py:*:_why_not_a_layer(tensors)": ("_why_not_a_layer",),
+    "hpa/backends/state_dict.py:_skipped_group:_why_not_a_layer(rest)": ("_why_not_a_layer",),
+    "hpa/backends/state_dict.py:graph_from_state_dict:not_affine": ("_not_an_affine_layer",),
+    "hpa/backends/state_dict.py:_skipped_group:reason": ("_input_vector",),
     # a literal that wraps a produced reason: the producer's texts are the sites (tests check both parts)
     "hpa/backends/state_dict.py:_fold_batchnorms:f'{why}; not folded ({ARCHITECTURE_HINT})'": ("_refusal",),
     "hpa/backends/onnx*:_layer_entry:f'{node.op_type}: {skip}'": ("raise _Skip", "raise Skip"),
@@ -251,15 +254,9 @@ COVERED = {
     "WEIGHTED_UNSUPPORTED: deformable convs are not analysed":
         ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
          "deformable convs are not analysed"),
-    "WEIGHTED_UNSUPPORTED: integer conv (ConvInteger) is not analysed; export with DequantizeLinear weights instead":
-        ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
-         "integer conv (ConvInteger) is not analysed; export with DequantizeLinear weights instead"),
     "WEIGHTED_UNSUPPORTED: integer matmul (MatMulInteger) is not analysed":
         ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
          "integer matmul (MatMulInteger) is not analysed"),
-    "WEIGHTED_UNSUPPORTED: quantized conv (QLinearConv) is not analysed; export with QDQ (DequantizeLinear) weights":
-        ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
-         "quantized conv (QLinearConv) is not analysed; export with QDQ (DequantizeLinear) weights"),
     "WEIGHTED_UNSUPPORTED: quantized matmul (QLinearMatMul) is not analysed":
         ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
          "quantized matmul (QLinearMatMul) is not analysed"),
@@ -272,6 +269,51 @@ COVERED = {
     "WEIGHTED_UNSUPPORTED: recurrent layers (RNN) are not analysed":
         ("tests/test_skip_reasons.py::test_onnx_weighted_ops_hpa_does_not_analyse_are_listed",
          "recurrent layers (RNN) are not analysed"),
+    # quantized convs (issue 18)
+    "Skip: its input is not quantized by a DynamicQuantizeLinear or QuantizeLinear whose scale and zero point it "
+    "uses; not analysed":
+        ("tests/test_quantized.py::test_quantized_convs_that_cannot_be_read_are_skipped_with_the_reason",
+         "its input is not quantized by a DynamicQuantizeLinear or "),
+    "Skip: its input scale {} is not one constant, so its int32 bias cannot be dequantized; not analysed":
+        ("tests/test_quantized.py::test_quantized_convs_that_cannot_be_read_are_skipped_with_the_reason",
+         " is not one constant, so its "),
+    "Skip: its {} {} is computed at run time, not a constant; not analysed":
+        ("tests/test_quantized.py::test_quantized_convs_that_cannot_be_read_are_skipped_with_the_reason",
+         " is computed at run time, "),
+    "Skip: the scale of its weights is not a constant factor of the Mul after it (ConvInteger -> Cast -> Mul); "
+    "not analysed":
+        ("tests/test_quantized.py::test_conv_integer_whose_scale_cannot_be_found_is_skipped_with_the_reason",
+         "the scale of its weights is not a constant factor of the Mul "),
+    "Skip: the weight scale after it has shape {}, not one value per output channel":
+        ("tests/test_quantized.py::test_quantized_convs_that_cannot_be_read_are_skipped_with_the_reason",
+         "the weight scale after it has shape "),
+    # weighted layers that are not affine layers of their input (issue 18)
+    "_note_not_analysed: {}: a lookup table, not a linear layer of its input; not analysed":
+        ("tests/test_nothing_to_analyse.py::test_beside_convs_recurrent_layers_and_lookups_are_listed",
+         "a lookup table, not a linear layer of its input; not analysed"),
+    "_note_not_analysed: {}: recurrent layer, not analysed":
+        ("tests/test_nothing_to_analyse.py::test_beside_convs_recurrent_layers_and_lookups_are_listed",
+         "recurrent layer, not analysed"),
+    "_weighted_modules_not_analysed: {}: a lookup table, not a linear layer of its input; not analysed":
+        ("tests/test_nothing_to_analyse.py::test_beside_convs_recurrent_layers_and_lookups_are_listed",
+         ": a lookup table, not a linear layer of its input; not analysed"),
+    "_weighted_modules_not_analysed: {}: recurrent layer, not analysed":
+        ("tests/test_nothing_to_analyse.py::test_beside_convs_recurrent_layers_and_lookups_are_listed",
+         ": recurrent layer, not analysed"),
+    # what a bare state_dict holds that is not an affine layer (issue 18)
+    "_input_vector: class or register token {}: a learned vector put beside the input, not a layer":
+        ("tests/test_state_dict_norms.py::test_norms_embeddings_and_tokens_are_listed_never_analysed",
+         "a learned vector put beside the input"),
+    "_input_vector: positional embedding {}: a learned table added to the input, not a layer":
+        ("tests/test_state_dict_norms.py::test_norms_embeddings_and_tokens_are_listed_never_analysed",
+         ": a learned table added to the input, not a layer"),
+    "_not_an_affine_layer: normalisation layer (LayerNorm, GroupNorm, InstanceNorm or RMSNorm, by its name): one "
+    "scale per channel, not an affine layer ({})":
+        ("tests/test_state_dict_norms.py::test_norms_embeddings_and_tokens_are_listed_never_analysed",
+         "one scale per channel, not an affine layer"),
+    "_not_an_affine_layer: {} table without a bias: a lookup by index, not a linear layer of the input ({})":
+        ("tests/test_state_dict_norms.py::test_norms_embeddings_and_tokens_are_listed_never_analysed",
+         " table without a bias: a lookup by index, not a linear layer of the input"),
     ".problem: its params {} are not in the file's params list":
         ("tests/test_skip_reasons.py::test_matconvnet_dagnn_conv_whose_params_are_missing_is_listed",
          " are not in the file's params list"),
@@ -613,8 +655,6 @@ ONNX_CASES = {  # op, inputs, attributes, initializers, runtime inputs, expected
                           "MatMul: constant operand 'b' is 3-D, not a weight matrix"),
 }
 UNSUPPORTED = {  # weighted ops hpa does not analyse, and what it says
-    "ConvInteger": "integer conv (ConvInteger) is not analysed; export with DequantizeLinear weights instead",
-    "QLinearConv": "quantized conv (QLinearConv) is not analysed; export with QDQ (DequantizeLinear) weights",
     "QLinearMatMul": "quantized matmul (QLinearMatMul) is not analysed",
     "MatMulInteger": "integer matmul (MatMulInteger) is not analysed",
     "LSTM": "recurrent layers (LSTM) are not analysed",

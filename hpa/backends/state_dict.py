@@ -19,6 +19,15 @@ recorded (``Layer.inferred``, ``graph.source["inferred_from_names"]``).
   eps is PyTorch's default 1e-5 (a state_dict does not store it; cosines and
   ``n_l`` do not depend on it).  Any other BatchNorm is listed under
   ``skipped`` with the reason and how to give the architecture instead.
+* **What is not an affine layer**, by name and shape, is listed under ``skipped``
+  (:func:`_not_an_affine_layer`, :func:`_input_vector`): a normalisation layer
+  (a leaf name with ``norm``, ``layernorm``, ``groupnorm``, ``instancenorm``,
+  ``rmsnorm``, ``ln`` or ``gn`` as a word, ``ln_1``, ``norm2``, ``input_layernorm``,
+  whose weight is one value per channel, even when stored 2-D as ``(1, C)``), an
+  embedding table (a leaf name with ``embed``, ``embedding``, ``emb``, ``wte``
+  or ``wpe`` as a word and a 2-D weight without a bias), and class tokens and
+  positional embeddings (``cls_token``, ``pos_embed``, ``class_embedding``, ...).
+* Quantized tensors (``torch.ao.nn.quantized``) are dequantized, and the layer records ``quantization``.
 * Every other tensor group is listed under ``skipped`` with the reason.
 """
 
@@ -82,9 +91,12 @@ def graph_from_state_dict(state: Mapping[str, Any], to_numpy: Callable[[Any], np
         tensors = groups[prefix]
         if prefix in batchnorms:
             continue
-        layer = _make_layer(prefix, tensors, len(layers), to_numpy, module_classes or {})
-        if layer is None:
-            skipped.append(Skipped(prefix, _why_not_a_layer(tensors)))
+        not_affine = _not_an_affine_layer(prefix, tensors)  # a norm or an embedding is never a linear layer
+        layer = None if not_affine else _make_layer(prefix, tensors, len(layers), to_numpy, module_classes or {})
+        if not_affine:
+            skipped.append(Skipped(prefix, not_affine))
+        elif layer is None:
+            skipped += _skipped_group(prefix, tensors, state)
         else:
             layers[prefix] = layer
     skipped += _fold_batchnorms(layers, batchnorms, fold_bn, bn_eps, to_numpy)
@@ -100,12 +112,17 @@ def graph_from_state_dict(state: Mapping[str, Any], to_numpy: Callable[[Any], np
 def _make_layer(prefix: str, tensors: Mapping[str, Any], index: int, to_numpy, module_classes) -> Layer | None:
     weight = tensors.get("weight")
     ndim = len(getattr(weight, "shape", ()))
-    if weight is None or ndim not in _KINDS or not _is_float(weight):
+    quantized = bool(getattr(weight, "is_quantized", False))
+    if weight is None or ndim not in _KINDS or not (quantized or _is_float(weight)):
         return None
     kind, kind_was_read = _kind(prefix, ndim, module_classes.get(prefix))
     bias = tensors.get("bias")
-    layer = Layer(name=prefix, index=index, kind=kind, weight=to_numpy(weight),
+    # torch.ao's quantized modules store q, scale and zero point in one tensor: dequantize() is (q - zp) * scale
+    values = to_numpy(weight.dequantize() if quantized else weight)
+    layer = Layer(name=prefix, index=index, kind=kind, weight=values,
                   bias=None if bias is None else to_numpy(bias), activation=None, groups=None)
+    if quantized:
+        layer.quantization = _torch_quantization(weight)
     layer.params = {"weight": f"{prefix}.weight"} | ({"bias": f"{prefix}.bias"} if bias is not None else {})
     inferred = _LINEAR_INFERRED if kind == "linear" else _CONV_INFERRED
     layer.inferred = tuple(f for f in inferred if not (f == "kind" and kind_was_read))
@@ -286,6 +303,75 @@ def _channels(tensors: Mapping[str, Any]) -> int:
 def _is_float(tensor: Any) -> bool:
     dtype = getattr(tensor, "dtype", None)
     return dtype is not None and ("float" in str(dtype) or "bfloat" in str(dtype))
+
+
+def _torch_quantization(weight: Any) -> dict[str, Any]:
+    scheme = str(weight.qscheme())
+    return {"format": "torch quantized tensor", "dtype": str(weight.dtype).removeprefix("torch."),
+            "per_channel": "per_channel" in scheme}
+
+
+# -- what is not an affine layer, by name and shape -----------------------------------------------------
+
+#: Words of a leaf module name that say "normalisation layer" (``ln_f``, ``norm1``, ``input_layernorm``).
+_NORM_WORDS = frozenset({"norm", "layernorm", "groupnorm", "instancenorm", "rmsnorm", "ln", "gn"})
+#: Words that say "embedding table" (``wte``/``wpe``: GPT-2's token and position embeddings).
+_EMBEDDING_WORDS = frozenset({"embed", "embeds", "embedding", "embeddings", "emb", "wte", "wpe"})
+_POSITION_WORDS = frozenset({"pos", "position", "positional", "absolute"})
+
+
+def _words(name: str) -> set[str]:
+    return {w for w in re.split(r"[_\d]+", name.lower()) if w}
+
+
+def _shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in getattr(tensor, "shape", ()))
+
+
+def _not_an_affine_layer(prefix: str, tensors: Mapping[str, Any]) -> str | None:
+    """Why a ``*.weight`` group is a normalisation layer or an embedding table, by its name and shape; else None.
+
+    A norm's weight is one scale per channel (``(C,)``, or ``(1, C)`` as some exports store it): it
+    has at most one dimension above 1.  An embedding's weight is a 2-D table and it has no bias.
+    """
+    weight = tensors.get("weight")
+    if weight is None:
+        return None
+    words, shape = _words(prefix.rpartition(".")[2]), _shape(weight)
+    shapes = ", ".join(f"{k}{_shape(v)}" for k, v in tensors.items())
+    if words & _NORM_WORDS and sum(d > 1 for d in shape) <= 1:
+        return ("normalisation layer (LayerNorm, GroupNorm, InstanceNorm or RMSNorm, by its name): one scale per "
+                f"channel, not an affine layer ({shapes})")
+    if words & _EMBEDDING_WORDS and len(shape) == 2 and "bias" not in tensors:
+        table = "positional embedding" if words & _POSITION_WORDS else "embedding"
+        return f"{table} table without a bias: a lookup by index, not a linear layer of the input ({shapes})"
+    return None
+
+
+def _input_vector(leaf: str, tensor: Any) -> str | None:
+    """Why a parameter outside any layer is a class token or a positional embedding, by its name; else None."""
+    words, shape = _words(leaf), _shape(tensor)
+    if words & {"token", "tokens"} or leaf == "class_embedding":
+        return f"class or register token {shape}: a learned vector put beside the input, not a layer"
+    if words & _POSITION_WORDS and words & (_EMBEDDING_WORDS | {"bias"}):
+        return f"positional embedding {shape}: a learned table added to the input, not a layer"
+    return None
+
+
+def _skipped_group(prefix: str, tensors: Mapping[str, Any], state: Mapping[str, Any]) -> list[Skipped]:
+    """The skipped entries of a group that is not a layer: its tokens and positional embeddings one by one
+    (named by their full key), then the rest of the group."""
+    skipped, rest = [], {}
+    for leaf, tensor in tensors.items():
+        reason = _input_vector(leaf, tensor)
+        key = f"{prefix}.{leaf}" if f"{prefix}.{leaf}" in state else leaf
+        if reason:
+            skipped.append(Skipped(key, reason))
+        else:
+            rest[leaf] = tensor
+    if rest:
+        skipped.append(Skipped(prefix, _why_not_a_layer(rest)))
+    return skipped
 
 
 def _why_not_a_layer(tensors: Mapping[str, Any]) -> str:

@@ -208,13 +208,31 @@ def _paths(stack: list[list[str]]) -> list[str]:
     return paths
 
 
+#: Where torch.ao's quantized Linear keeps its (weight, bias) pair, and its dtype, in a state_dict.
+_PACKED = "._packed_params._packed_params"
+_PACKED_DTYPE = "._packed_params.dtype"
+
+
 def _is_state_dict(obj: Mapping) -> bool:
-    tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    tensors = [v for k, v in obj.items() if isinstance(v, torch.Tensor) or _is_packed(k, v)
+               or (isinstance(k, str) and k.endswith(_PACKED_DTYPE))]
     return bool(tensors) and len(tensors) >= 0.9 * len(obj)
 
 
+def _is_packed(key: Any, value: Any) -> bool:
+    return (isinstance(key, str) and key.endswith(_PACKED) and isinstance(value, tuple) and len(value) == 2
+            and isinstance(value[0], torch.Tensor))
+
+
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop the ``module.`` prefix DataParallel adds, and non-tensor entries."""
+    """Drop the ``module.`` prefix DataParallel adds, and non-tensor entries; a quantized Linear's packed
+    (weight, bias) become its ``.weight`` and ``.bias``."""
+    for key, value in list(state.items()):
+        if _is_packed(key, value):
+            module = key[: -len(_PACKED)]
+            state[f"{module}.weight"] = value[0]
+            if isinstance(value[1], torch.Tensor):
+                state[f"{module}.bias"] = value[1]
     state = {k: v for k, v in state.items() if isinstance(v, (torch.Tensor, np.ndarray))}
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):

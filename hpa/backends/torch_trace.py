@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from hpa.errors import LoadError, UnsupportedModelError
+from hpa.errors import LoadError
 from hpa.fold import fold_batchnorm
 from hpa.dataflow import predecessors
 from hpa.graph import ACTIVATIONS, INFERENCE_IDENTITIES, INPUT, ConvGraph, Layer, Skipped, unique_name
@@ -237,11 +237,8 @@ def trace_module(
     layers = finish_layers(tracer.nodes, fold_bn)
     if copy_weights:
         _own_arrays(layers)
-    skipped = _unused_layers(model, tracer.seen_weights)
-    if not layers:
-        raise UnsupportedModelError(
-            "the model has no conv or linear layers that run in its forward pass; hpa analyses conv networks"
-        )
+    skipped = _unused_layers(model, tracer.seen_weights) + _weighted_modules_not_analysed(model)
+    # A graph with no conv layer is refused by hpa.api, which names what the model holds instead.
     return ConvGraph(layers, source=dict(source or {}), skipped=skipped, input_shape=tuple(input_size))
 
 
@@ -534,6 +531,18 @@ def _unused_layers(model: torch.nn.Module, seen: set[int]) -> list[Skipped]:
         if isinstance(module, kinds) and weight is not None and id(weight) not in seen:
             skipped.append(Skipped(name, f"{type(module).__name__} not called in the forward pass "
                                          "(unused in eval mode, or called inside a fused op)"))
+    return skipped
+
+
+def _weighted_modules_not_analysed(model: torch.nn.Module) -> list[Skipped]:
+    """Modules with weights that are not affine layers of their input: recurrent layers and lookup tables."""
+    skipped = []
+    for name, module in model.named_modules():
+        label, cls = name or type(module).__name__, type(module).__name__
+        if isinstance(module, torch.nn.RNNBase):
+            skipped.append(Skipped(label, f"{cls}: recurrent layer, not analysed"))
+        elif isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            skipped.append(Skipped(label, f"{cls}: a lookup table, not a linear layer of its input; not analysed"))
     return skipped
 
 

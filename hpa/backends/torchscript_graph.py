@@ -50,6 +50,9 @@ _QUANTIZED = {
     "quantized::linear": ("linear", None), "quantized::linear_relu": ("linear", "relu"),
     "quantized::linear_dynamic": ("linear", None),
 }
+# Calls with weights that are not affine layers of their input, listed under skipped.
+_RECURRENT = ("aten::lstm", "aten::gru", "aten::rnn_tanh", "aten::rnn_relu")
+_LOOKUPS = ("aten::embedding", "aten::embedding_bag")
 # Ops that only change how a tensor is stored: the data passes on (the quantization is the layers').
 _STORAGE_OPS = ("aten::quantize_per_tensor", "aten::quantize_per_channel", "aten::dequantize")
 _ARGS = {
@@ -102,6 +105,7 @@ class _Reader:
         self.data: dict[Any, Node] = {}  # IR value -> dataflow node
         self.nodes: list[Node] = []
         self.used: dict[str, int] = {}  # layer name -> times seen, for unique names
+        self.elements: dict[Any, list] = {}  # IR tuple value -> the IR values it was built from
         self.branches: list[str] = []  # every scope opened for control flow that holds a layer, in order
         self.skipped: list[Skipped] = []
 
@@ -130,6 +134,10 @@ class _Reader:
             self._loop(ir_node, scope, counters)
         elif kind in _STORAGE_OPS and ins and ins[0] in self.data:
             self.data[outputs[0]] = self.data[ins[0]]
+        elif kind == "prim::TupleConstruct":
+            self.elements[outputs[0]] = ins
+        elif kind in ("prim::TupleUnpack", "prim::TupleIndex"):
+            self._unpack(kind, ins, outputs)
         else:
             self._op(kind, ins, outputs, scope)
 
@@ -156,6 +164,20 @@ class _Reader:
                 self.values[outputs[0]] = _FOLDABLE[kind](*args)
             except TypeError:  # a comparison Python refuses: leave the condition unknown
                 pass
+
+    def _unpack(self, kind: str, ins, outputs) -> None:
+        """Tuple elements carry the data of what they were built from (``out, _ = self.rnn(x)``)."""
+        elements = self.elements.get(ins[0])
+        if kind == "prim::TupleIndex":
+            index = self.values.get(ins[1])
+            pairs = [(outputs[0], elements[index] if elements and isinstance(index, int) else ins[0])]
+        else:
+            pairs = [(out, elements[k] if elements else ins[0]) for k, out in enumerate(outputs)]
+        for out, source in pairs:
+            if source in self.data:
+                self.data[out] = self.data[source]
+            if source in self.values:
+                self.values[out] = self.values[source]
 
     # -- control flow ------------------------------------------------------------------------------
 
@@ -223,6 +245,7 @@ class _Reader:
         if not sources or not any(_is_tensor(out) for out in outputs):
             return
         op = kind.split("::")[-1].rstrip("_")
+        self._note_not_analysed(kind, ins, scope)
         layer_kind = _CONV.get(kind) or _convolution_kind(kind, ins, self.values)
         if kind in _QUANTIZED:
             node = self._quantized_layer(kind, ins, scope)
@@ -238,6 +261,17 @@ class _Reader:
         self.nodes.append(node)
         for out in outputs:
             self.data[out] = node
+
+    def _note_not_analysed(self, kind: str, ins, scope: str | None) -> None:
+        if kind not in _RECURRENT and kind not in _LOOKUPS:
+            return
+        keys = [self.values[v][0] for v in ins if isinstance(self.values.get(v), tuple)]
+        name = self._name(keys[0].rsplit(".", 1)[0] if keys else f"{kind.split('::')[1]}_{len(self.nodes)}", scope)
+        if kind in _RECURRENT:
+            self.skipped.append(Skipped(name, f"{kind}: recurrent layer, not analysed"))
+        else:
+            self.skipped.append(Skipped(name, f"{kind}: a lookup table, not a linear layer of its input; "
+                                              "not analysed"))
 
     def _layer(self, layer_kind, kind, ins, scope) -> Node:
         names = _ARGS["_convolution" if kind == "aten::_convolution" else

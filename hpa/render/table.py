@@ -222,7 +222,7 @@ def header_line(result) -> str:
 
 
 def notes(result) -> list[str]:
-    """Footer lines: a structure inferred from tensor names, a model that is mostly not convolutional."""
+    """Footer lines: a structure inferred from tensor names, quantized layers, a mostly non-convolutional model."""
     from hpa.backends.state_dict import INFERRED_NOTE_KEY
     from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS
 
@@ -230,6 +230,11 @@ def notes(result) -> list[str]:
     note = result.graph.source.get(INFERRED_NOTE_KEY)
     if note:
         lines.append(f"note: {note}")
+    quantized = [layer for layer in result.graph if layer.quantization]
+    if quantized:
+        formats = ", ".join(sorted({str(layer.quantization.get("format")) for layer in quantized}))
+        lines.append(f"note: {len(quantized)} of {len(result.graph)} layers were stored quantized ({formats}); "
+                     "they are analysed from their dequantized weights, (q - zero_point) * scale")
     kinds = [layer.kind for layer in result.graph]
     convs = sum(kind in CONV_KINDS + TRANSPOSED_KINDS for kind in kinds)
     if kinds.count("linear") > 2 * max(convs, 1) and not result.options.get("with_linear"):

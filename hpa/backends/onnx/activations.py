@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hpa.backends.onnx.common import DEFAULT_DOMAINS, attributes, text
+from hpa.backends.onnx.quantized import QUANTIZERS, clips_at_zero
 from hpa.graph import INFERENCE_IDENTITIES
 
 # ONNX op -> canonical activation name (single-node activations).
@@ -34,6 +35,8 @@ class Activations:
     def _activation(self, value: str) -> tuple[str, dict[str, float], list[Any], str]:
         """The nonlinearity applied to ``value``: (name, params, nodes it spans, its output)."""
         passable = set(TRANSPARENT) | ({"BatchNormalization"} if not self.options.fold_bn else set())
+        if self._fused_relu(self.producer.get(value)):  # a QLinearConv's output quantizer clips at zero
+            return "relu", {}, [], value
         while True:
             consumers = self.consumers.get(value, [])
             if len(consumers) == 2:
@@ -43,13 +46,26 @@ class Activations:
             node = self._single_consumer(value)
             if node is None or node.domain not in DEFAULT_DOMAINS:
                 return "none", {}, [], value
-            if node.op_type in passable and node.input[0] == value:
+            if node.op_type in QUANTIZERS and node.input[0] == value and self._fused_relu(node):
+                return "relu", {}, [node], node.output[0]
+            if (node.op_type in passable or node.op_type in QUANTIZERS) and node.input[0] == value:
                 value = node.output[0]
                 continue
             found = self._simple_activation(node)
             if found is None:
                 return "none", {}, [], value
             return found[0], found[1], [node], node.output[0]
+
+    def _fused_relu(self, node: Any | None) -> bool:
+        """A QuantizeLinear or QLinearConv whose output zero point is its type's minimum: every negative
+        value becomes 0, the ReLU onnxruntime's quantizer fuses into the quantization."""
+        position = {"QuantizeLinear": 2, "QLinearConv": 7}.get(getattr(node, "op_type", None))
+        if position is None or node.domain not in DEFAULT_DOMAINS:
+            return False
+        if len(node.input) <= position or not node.input[position]:
+            return node.op_type == "QuantizeLinear" and "output_dtype" not in attributes(node)  # uint8, zero 0
+        zero = self.const(node.input[position])
+        return zero is not None and clips_at_zero(zero, zero.dtype)
 
     def _simple_activation(self, node: Any) -> tuple[str, dict[str, float]] | None:
         op = node.op_type

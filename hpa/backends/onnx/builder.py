@@ -7,7 +7,7 @@ The steps, each in its own module of this package:
    subgraphs (``If``/``Loop``/``Scan``) into one flat list of nodes;
 3. :mod:`~hpa.backends.onnx.shapes` runs ONNX shape inference;
 4. the :class:`Builder` walks the nodes: :mod:`~hpa.backends.onnx.layers` recognises
-   layers, :mod:`~hpa.backends.onnx.folding` folds BatchNorm and affines into them,
+   layers (:mod:`~hpa.backends.onnx.quantized` the quantized ones), :mod:`~hpa.backends.onnx.folding` folds BatchNorm and affines into them,
    :mod:`~hpa.backends.onnx.activations` finds the nonlinearity after each, and
    :mod:`~hpa.backends.onnx.predecessors` connects them; every constant comes from
    :mod:`~hpa.backends.onnx.constants`.
@@ -25,10 +25,11 @@ from hpa.backends.onnx.file import OnnxFile, read_onnx
 from hpa.backends.onnx.folding import Folding
 from hpa.backends.onnx.layers import WEIGHTED_UNSUPPORTED, Entry, Layers
 from hpa.backends.onnx.predecessors import Predecessors
+from hpa.backends.onnx.quantized import Quantized
 from hpa.backends.onnx.scopes import CONTROL_FLOW, FlatGraph, flatten, inline_functions
 from hpa.backends.onnx.shapes import infer_shapes
-from hpa.errors import OptionError, UnsupportedModelError
-from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS, ConvGraph, Layer, Skipped
+from hpa.errors import OptionError
+from hpa.graph import ConvGraph, Layer, Skipped
 from hpa.registry import LoadOptions
 
 
@@ -47,11 +48,7 @@ def load_onnx(path: str, options: LoadOptions) -> ConvGraph:
     shapes, input_shape, notes = infer_shapes(model, options.input_size, str(onnx_file.path), folded)
     builder = Builder(onnx_file, flat, shapes, options)
     layers = builder.build()
-    if flat.branches and not any(layer.kind in CONV_KINDS + TRANSPOSED_KINDS for layer in layers):
-        # Say that the subgraphs were searched, so "no conv layers" never means "not looked".
-        raise UnsupportedModelError(f"{onnx_file.path} has no conv layers, not even inside its "
-                                    f"{len(flat.branches)} control-flow subgraphs; hpa analyses convolutional "
-                                    "networks")
+    # No conv layer: hpa.api says what was found instead, and that the branches were searched.
     static_input = None if input_shape is None or None in input_shape else tuple(input_shape)
     return ConvGraph(layers, source=_source(onnx_file, builder, static_input, notes, flat), skipped=builder.skipped,
                      input_shape=static_input)
@@ -77,7 +74,7 @@ def _source(onnx_file: OnnxFile, builder: Builder, input_shape, notes: list[str]
     return source
 
 
-class Builder(Constants, Layers, Folding, Activations, Predecessors):
+class Builder(Constants, Layers, Quantized, Folding, Activations, Predecessors):
     """One pass over the flat node list; the mixins hold the parts (see the module docstring)."""
 
     def __init__(self, onnx_file: OnnxFile, flat: FlatGraph, shapes: dict[str, Shape],

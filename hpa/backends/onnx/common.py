@@ -8,8 +8,14 @@ import numpy as np
 
 #: The domains of the standard operator set.
 DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Ops a weight passes through on its way from an initializer (for naming the layer after it).
+WEIGHT_ROUTE = ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
 
 Shape = tuple  # of int | None per dimension, batch included
+
+
+class Skip(Exception):
+    """This node is a layer hpa cannot analyse; the message says why."""
 
 
 def attributes(node: Any) -> dict[str, Any]:

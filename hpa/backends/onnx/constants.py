@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hpa.backends.onnx.common import DEFAULT_DOMAINS, attributes
+from hpa.backends.onnx.quantized import dequantize
 from hpa.errors import LoadError
 
 # Ops whose outputs are never constant even when their inputs are (control-flow connectors included).
@@ -164,16 +165,10 @@ def _fold_dequantize(inputs, attrs):
     zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
     if attrs.get("block_size") or x.dtype.kind not in "iu":
         return None
-    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
-    scale = np.asarray(scale, np.float32)
-    shape = [1] * x.ndim
-    if scale.size > 1:
-        shape[axis] = scale.size
-    values = x.astype(np.float32)
-    if zero is not None:
-        values -= np.asarray(zero, np.float32).reshape(shape if np.size(zero) > 1 else ())
-    values *= scale.reshape(shape if scale.size > 1 else ())
-    return values
+    try:
+        return dequantize(x, scale, zero, axis=int(attrs.get("axis", 1)) % max(x.ndim, 1))
+    except ValueError:  # a scale of another shape: let the reference evaluator decide
+        return None
 
 
 _FAST_FOLDS = {"Identity": _fold_identity, "Cast": _fold_cast, "Reshape": _fold_reshape,

@@ -14,26 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from hpa.backends.onnx.common import (DEFAULT_DOMAINS, as_float, attributes, drop_batch, node_name, per_unit,
-                                      text)
+from hpa.backends.onnx.common import (DEFAULT_DOMAINS, WEIGHT_ROUTE, Skip, as_float, attributes, drop_batch,
+                                      node_name, per_unit, text)
+from hpa.backends.onnx.quantized import QUANTIZED_CONVS
 from hpa.graph import Layer, Skipped, conv_output_size, unique_name
 
 # Standard ops that carry weights hpa does not analyse.
 WEIGHTED_UNSUPPORTED = {
-    "ConvInteger": "integer conv (ConvInteger) is not analysed; export with DequantizeLinear weights instead",
-    "QLinearConv": "quantized conv (QLinearConv) is not analysed; export with QDQ (DequantizeLinear) weights",
     "QLinearMatMul": "quantized matmul (QLinearMatMul) is not analysed",
     "MatMulInteger": "integer matmul (MatMulInteger) is not analysed",
     "LSTM": "recurrent layers (LSTM) are not analysed", "GRU": "recurrent layers (GRU) are not analysed",
     "RNN": "recurrent layers (RNN) are not analysed", "DeformConv": "deformable convs are not analysed",
     "Einsum": "Einsum is not analysed as a layer",
 }
-# Ops a weight passes through on its way from an initializer (for naming the layer after it).
-_WEIGHT_ROUTE = ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
-
-
-class Skip(Exception):
-    """This node is a layer hpa cannot analyse; the message says why."""
+# Initializer names that name a layer, by their suffix: torch's, and onnxruntime's for a quantized weight.
+_WEIGHT_SUFFIXES = (".weight", ".weight_quantized")
 
 
 @dataclass(eq=False)
@@ -48,7 +43,8 @@ class Layers:
     """Mixin of the builder: the node -> layer recognisers.
 
     Expects ``self.flat``, ``self.shapes``, ``self.producer``, ``self.consumers``,
-    ``self.labels``, ``self.used_names``, ``self.skipped``, ``self.opset`` and ``const``.
+    ``self.labels``, ``self.used_names``, ``self.skipped``, ``self.opset``, ``const`` and the
+    quantized convs of :class:`~hpa.backends.onnx.quantized.Quantized`.
     """
 
     def _layer_entry(self, node: Any) -> Entry | None:
@@ -57,6 +53,8 @@ class Layers:
         try:
             if node.op_type in ("Conv", "ConvTranspose"):
                 return self._conv(node)
+            if node.op_type in QUANTIZED_CONVS:
+                return self._quantized_conv(node)
             if node.op_type == "Gemm":
                 return self._gemm(node)
             if node.op_type == "MatMul":
@@ -67,8 +65,13 @@ class Layers:
 
     def _conv(self, node: Any) -> Entry:
         x, w_name, b_name = (list(node.input) + ["", ""])[:3]
+        entry = self._conv_layer(node, x, w_name, self._weight(w_name, "weight"), lambda units: self._bias(b_name, units))
+        entry.layer.quantization = self._weight_quantization(w_name)  # QDQ: a DequantizeLinear weight
+        return entry
+
+    def _conv_layer(self, node: Any, x: str, w_name: str, weight: np.ndarray, bias_of) -> Entry:
+        """The layer of a conv-like node with ``weight`` (its bias: ``bias_of(output channels)``)."""
         transposed = node.op_type == "ConvTranspose"
-        weight = self._weight(w_name, "weight")
         dims = weight.ndim - 2
         if dims not in (1, 2, 3):
             raise Skip(f"a {weight.ndim}-D weight {tuple(weight.shape)} is not a 1-D, 2-D or 3-D conv")
@@ -80,7 +83,7 @@ class Layers:
         groups = int(attrs.get("group", 1))
         stride = tuple(int(s) for s in attrs.get("strides", [1] * dims))
         dilation = tuple(int(d) for d in attrs.get("dilations", [1] * dims))
-        bias = self._bias(b_name, weight.shape[1] * groups if transposed else weight.shape[0])
+        bias = bias_of(weight.shape[1] * groups if transposed else weight.shape[0])
         in_shape = self.shapes.get(x)
         out_shape = self.shapes.get(node.output[0])
         if transposed:
@@ -274,8 +277,9 @@ class Layers:
     def _layer_name(self, node: Any, weight_name: str) -> str:
         """The weight's initializer name without ``.weight``, else the node's name; in a branch, its path first."""
         root = self._root_constant(weight_name)
-        if root.endswith(".weight"):
-            name = root[: -len(".weight")]
+        suffix = next((suffix for suffix in _WEIGHT_SUFFIXES if root.endswith(suffix)), None)
+        if suffix:
+            name = root[: -len(suffix)]
         else:
             name = node.name or node.output[0] or weight_name
         return unique_name(self._scoped(node, name), self.used_names)
@@ -293,7 +297,7 @@ class Layers:
             if name in self.flat.initializers:
                 return name
             node = self.producer.get(name)
-            if node is None or node.op_type not in _WEIGHT_ROUTE:
+            if node is None or node.op_type not in WEIGHT_ROUTE:
                 return name
             name = node.input[0]
         return name

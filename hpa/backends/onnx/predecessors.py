@@ -14,6 +14,7 @@ from typing import Any
 from hpa.backends.onnx.activations import ACTIVATION_OPS, TRANSPARENT
 from hpa.backends.onnx.common import Shape
 from hpa.backends.onnx.layers import Entry
+from hpa.backends.onnx.quantized import QUANTIZERS
 from hpa.dataflow import predecessors
 from hpa.graph import INPUT
 
@@ -38,10 +39,11 @@ class Predecessors:
         graph_inputs = set(self.flat.data_inputs)
 
         def skip_transparent(value: str) -> str:
-            # Identity and Dropout do nothing at inference and exporters drop them: not listed in via.
+            # Identity and Dropout do nothing at inference and exporters drop them, and quantizers only
+            # round: not listed in via (a quantizer that is a fused ReLU is labelled, and listed).
             node = self.producer.get(value)
-            while node is not None and node.op_type in TRANSPARENT and id(node) not in self.labels \
-                    and value not in ends:
+            while node is not None and (node.op_type in TRANSPARENT or node.op_type in QUANTIZERS) \
+                    and id(node) not in self.labels and value not in ends:
                 value = node.input[0]
                 node = self.producer.get(value)
             return value
