@@ -368,3 +368,69 @@ def test_a_file_written_by_hand_from_the_format_description(tmp_path):
     x = torch.zeros(1, d, 7, 5)
     want = F.conv2d(F.pad(x, (0, 1, 1, 2)), torch.from_numpy(torch_weight))  # F.pad: (left, right, top, bottom)
     assert got.input_shape == (d, 7, 5) and got.output_shape == tuple(want.shape[1:])
+
+
+# -- a big-endian MAT-file without a .mat suffix (issue 17) --------------------------------------
+
+# MAT-file v5 data types (the MATLAB "MAT-File Format" document, table 1-1) -> bytes per element.
+_MI_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8, 16: 1, 17: 2, 18: 4}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _swapped_elements(data: bytes) -> bytes:
+    """A sequence of v5 data elements from little- to big-endian: tags, numbers, and miMATRIX contents."""
+    out, pos = bytearray(), 0
+    while pos < len(data):
+        word = int.from_bytes(data[pos:pos + 4], "little")
+        if word >> 16:  # small data element: type and size in one word, 4 bytes of data after it
+            kind, size, start, padded = word & 0xFFFF, word >> 16, pos + 4, 4
+            out += word.to_bytes(4, "big")  # the word read as one uint32 keeps its meaning
+        else:
+            kind, size = word, int.from_bytes(data[pos + 4:pos + 8], "little")
+            start, padded = pos + 8, (size + 7) // 8 * 8
+            out += kind.to_bytes(4, "big") + size.to_bytes(4, "big")
+        payload = data[start:start + size]
+        assert kind != _MI_COMPRESSED, "write the file uncompressed"
+        if kind == _MI_MATRIX:
+            payload = _swapped_elements(payload)
+        else:
+            width = _MI_SIZES[kind]
+            payload = b"".join(payload[i:i + width][::-1] for i in range(0, size, width))
+        out += payload + bytes(padded - size)
+        pos = start + padded
+    return bytes(out)
+
+
+def to_big_endian(source: Path, target: Path) -> None:
+    """Byte-swap a little-endian v5 MAT-file that scipy wrote (scipy writes native order only)."""
+    data = source.read_bytes()
+    assert data[126:128] == b"IM", "a little-endian file"
+    header = data[:124] + data[124:126][::-1] + b"MI"  # the version word in big-endian order, the endian mark
+    target.write_bytes(header + _swapped_elements(data[128:]))
+
+
+def test_big_endian_file_without_suffix_is_sniffed_and_read(tmp_path):
+    import scipy.io
+
+    model = plain_net()
+    little = tmp_path / "net.mat"
+    mcn.export_simplenn(model, little, input_size=SIZE)
+    big = tmp_path / "vgg_from_a_sparc"
+    to_big_endian(little, big)
+    assert big.read_bytes()[126:128] == b"MI" and big.read_bytes() != little.read_bytes()
+    # the swap is a faithful copy: scipy reads the same arrays back from both
+    want, got = scipy.io.loadmat(little), scipy.io.loadmat(big, appendmat=False)
+    layer = lambda mat: mat["layers"][0, 0][0, 0]  # noqa: E731
+    np.testing.assert_array_equal(layer(got)["weights"][0, 0], layer(want)["weights"][0, 0])
+    from hpa.sniff import detect
+
+    assert detect(big) == "matlab"
+    graph = hpa.load(big)
+    assert graph.source["loader"] == "matconvnet"
+    expected = hpa.load(little)
+    assert [l.name for l in graph] == [l.name for l in expected]
+    for a, b in zip(graph, expected):
+        np.testing.assert_array_equal(a.weight, b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)
+        assert a.stride == b.stride and a.padding == b.padding
+    assert_same_graph(graph, hpa.load(model, input_size=SIZE))

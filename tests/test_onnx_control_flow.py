@@ -629,3 +629,53 @@ def test_onnx_names_are_the_graphs_canonical_names():
 
     assert set(ACTIVATION_OPS.values()) <= ACTIVATIONS
     assert TRANSPARENT == {"Identity", "Dropout"}
+
+
+# -- sibling control-flow nodes with one name (issue 17) ---------------------------------------------
+
+def _two_ifs_named_alike(weights):
+    """Two If nodes, both named "gate", in sequence; every branch holds a conv named "conv" on weight "w"."""
+    def branch(name, source, weight):
+        return helper.make_graph(
+            [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+             helper.make_node("Conv", [source, "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], name, [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+    first = helper.make_node("If", ["cond"], ["h"], name="gate", then_branch=branch("t0", "x", weights[0]),
+                             else_branch=branch("e0", "x", weights[1]))
+    second = helper.make_node("If", ["cond"], ["z"], name="gate", then_branch=branch("t1", "h", weights[2]),
+                              else_branch=branch("e1", "h", weights[3]))
+    graph = helper.make_graph(
+        [first, second], "two_gates",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=8)
+
+
+def test_sibling_ifs_with_one_name_get_distinct_stable_scopes(tmp_path):
+    rng = np.random.default_rng(7)
+    weights = [rng.standard_normal((4, 4, 3, 3)).astype(np.float32) + 0.3 * k for k in range(4)]
+    path = tmp_path / "two_gates.onnx"
+    onnx.save(_two_ifs_named_alike(weights), str(path))
+    graph = hpa.load(str(path))
+    names = [layer.name for layer in graph]
+    assert names == ["gate/then_branch/conv", "gate/else_branch/conv", "gate#2/then_branch/conv",
+                     "gate#2/else_branch/conv"]
+    assert [layer.branch for layer in graph] == ["gate/then_branch", "gate/else_branch", "gate#2/then_branch",
+                                                 "gate#2/else_branch"]
+    assert graph.source["branches"] == [layer.branch for layer in graph]
+    assert [layer.name for layer in hpa.load(str(path))] == names  # stable from one load to the next
+    for layer, weight in zip(graph, weights):  # each branch's own weights, all four analysed
+        np.testing.assert_array_equal(layer.weight, weight)
+    assert set(graph["gate#2/then_branch/conv"].predecessors) == {"gate/then_branch/conv", "gate/else_branch/conv"}
+    values = projection(graph)
+    assert set(values) == set(names)
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    conv = lambda v, w: torch.nn.functional.conv2d(torch.from_numpy(v), torch.from_numpy(w), padding=1).numpy()  # noqa: E731
+    # onnxruntime refuses two nodes of one name; the ONNX reference runtime runs the file as written
+    from onnx.reference import ReferenceEvaluator
+
+    for cond, (a, b) in ((True, (0, 2)), (False, (1, 3))):
+        got = ReferenceEvaluator(str(path)).run(None, {"x": x, "cond": np.array(cond)})[0]
+        np.testing.assert_allclose(got, conv(conv(x, weights[a]), weights[b]), rtol=1e-4, atol=1e-4)
