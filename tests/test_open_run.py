@@ -109,6 +109,65 @@ def test_run_spec_with_a_bad_epoch_is_one_line(run, run_hpa, epoch, words):
     assert_bad_input(run_hpa("scan", f"run:{run}@{epoch}"), *words)
 
 
+# -- several seeds ------------------------------------------------------------------------------
+
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    from hpa.experiments.seeds import train_seeds
+
+    return train_seeds(list(SEEDS), tmp_path_factory.mktemp("open_run") / "seeds", task="digits", epochs=1,
+                       device="cpu", statistics=("projection",))
+
+
+def _finite(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def test_frames_and_the_summary_of_several_seeds_hold_each_seeds_values(seeds):
+    """seeds.py: "summary.csv has one row per (epoch, layer) with the mean and standard deviation over seeds of
+    every numeric series.csv column; summary.json holds the same for metrics.jsonl per epoch"."""
+    run = hpa.open_run(seeds)
+    series, metrics = run.series, run.metrics
+    per_seed = {}
+    for seed in SEEDS:
+        with open(seeds / f"seed-{seed}" / "series.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        per_seed[seed] = {(r["epoch"], r["layer"]): r for r in rows}
+        mine = series[series["seed"] == seed]
+        assert mine["layer"].tolist() == [r["layer"] for r in rows]
+        np.testing.assert_array_equal(mine["projection.n_l"].to_numpy(dtype=float),
+                                      [float(r["projection.n_l"] or "nan") for r in rows])
+        lines = [json.loads(line) for line in (seeds / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[metrics["seed"] == seed]["test_loss"].tolist() == [m["test_loss"] for m in lines]
+    with open(seeds / "summary.csv", newline="") as handle:
+        summary = {(r["epoch"], r["layer"]): r for r in csv.DictReader(handle)}
+    assert set(summary) == set(per_seed[0]) == set(per_seed[1])
+    checked, spread = 0, 0
+    for key, row in summary.items():
+        assert row["n_seeds"] == str(len(SEEDS))
+        for column in set(per_seed[0][key]) - {"epoch", "layer"}:
+            values = [_finite(per_seed[seed][key][column]) for seed in SEEDS]
+            if None in values:  # not a number in some seed: no mean, no std
+                assert not row.get(f"{column}.mean") and not row.get(f"{column}.std")
+                continue
+            assert float(row[f"{column}.mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+            assert float(row[f"{column}.std"]) == pytest.approx(np.std(values), abs=1e-12)  # ddof 0
+            checked, spread = checked + 1, spread + (np.std(values) > 0)
+    assert checked > 20 and spread > 10  # many columns, and the seeds differ
+    (entry,) = json.loads((seeds / "summary.json").read_text())["metrics"][1:]  # epoch 0 has no training loss
+    values = metrics[metrics["epoch"] == 1]["train_loss"].to_numpy(dtype=float)
+    assert values[0] != values[1]
+    assert entry["train_loss.mean"] == pytest.approx(values.mean())
+    assert entry["train_loss.std"] == pytest.approx(values.std())
+
+
 # -- analyse-run ----------------------------------------------------------------------------------
 
 def test_analyse_run_gives_what_training_with_the_statistic_gives(tmp_path, run_hpa):

@@ -38,7 +38,7 @@ CIFAR_EPOCHS, DIGITS_EPOCHS = 2, 1
 
 # -- the two runs ------------------------------------------------------------------------------
 
-def write_learnable_cifar(root: Path, per_batch: int = 40, test: int = 100) -> None:
+def write_learnable_cifar(root: Path, per_batch: int = 20, test: int = 100) -> None:
     """CIFAR-10 python batches (protocol 2, as the official archive) whose class shows in colour and brightness."""
     rng = np.random.default_rng(0)
     folder = root / "cifar-10-batches-py"
@@ -62,7 +62,7 @@ def cifar_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("reinit-cifar")
     write_learnable_cifar(root / "data")
     return train("cifar10", out=root / "run", arch="cifar:small_stride", data=root / "data", epochs=CIFAR_EPOCHS,
-                 seed=0, device="cpu", statistics=(), lr=0.003, batch_size=20, shift=0, flip=False,
+                 seed=0, device="cpu", statistics=(), lr=0.003, batch_size=10, shift=0, flip=False,
                  validation=0.0, schedule="constant", init="kaiming_normal")
 
 
@@ -297,8 +297,8 @@ FRESH_BN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
 @pytest.mark.parametrize(("task", "layers", "draws", "reset_bn"), [
+    ("digits", ["conv1", "conv3"], 3, True),  # first: the case most bugs show in
     ("digits", ["conv1", "conv3"], 1, False),
-    ("digits", ["conv1", "conv3"], 3, True),
     ("cifar", ["features.2", "classifier.0"], 1, False),
     ("cifar", ["features.2", "classifier.0"], 3, False),
 ])

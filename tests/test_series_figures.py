@@ -72,51 +72,6 @@ def test_the_band_is_the_mean_and_std_over_seeds(seeds_run):
     assert any(std[1] > 0 for _, _, std in map(curves.mean_std, per_layer.values()))  # seeds differ
 
 
-def _finite(text) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
-
-
-def test_open_run_frames_and_the_summary_hold_each_seeds_values(seeds_run):
-    """seeds.py: "summary.csv has one row per (epoch, layer) with the mean and standard deviation over seeds of
-    every numeric series.csv column; summary.json holds the same for metrics.jsonl per epoch"."""
-    run = hpa.open_run(seeds_run)
-    series, metrics = run.series, run.metrics
-    per_seed = {}
-    for seed in SEEDS:
-        rows = series_rows(seeds_run, seed)
-        per_seed[seed] = {(r["epoch"], r["layer"]): r for r in rows}
-        mine = series[series["seed"] == seed]
-        assert mine["layer"].tolist() == [r["layer"] for r in rows]
-        np.testing.assert_array_equal(mine["projection.n_l"].to_numpy(dtype=float),
-                                      [float(r["projection.n_l"] or "nan") for r in rows])
-        lines = [json.loads(line) for line in (seeds_run / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
-        assert metrics[metrics["seed"] == seed]["test_loss"].tolist() == [m["test_loss"] for m in lines]
-    with open(seeds_run / "summary.csv", newline="") as handle:
-        summary = {(r["epoch"], r["layer"]): r for r in csv.DictReader(handle)}
-    assert set(summary) == set(per_seed[0]) == set(per_seed[1])
-    checked, spread = 0, 0
-    for key, row in summary.items():
-        assert row["n_seeds"] == str(len(SEEDS))
-        for column in set(per_seed[0][key]) - {"epoch", "layer"}:
-            values = [_finite(per_seed[seed][key][column]) for seed in SEEDS]
-            if None in values:  # not a number in some seed: no mean, no std
-                assert not row.get(f"{column}.mean") and not row.get(f"{column}.std")
-                continue
-            assert float(row[f"{column}.mean"]) == pytest.approx(np.mean(values), abs=1e-12)
-            assert float(row[f"{column}.std"]) == pytest.approx(np.std(values), abs=1e-12)  # ddof 0
-            checked, spread = checked + 1, spread + (np.std(values) > 0)
-    assert checked > 50 and spread > 20  # many columns, and the seeds differ
-    summary_metrics = json.loads((seeds_run / "summary.json").read_text())["metrics"]
-    for entry in summary_metrics[1:]:  # epoch 0 has no training loss
-        values = metrics[metrics["epoch"] == int(entry["epoch"])]["train_loss"].to_numpy(dtype=float)
-        assert entry["train_loss.mean"] == pytest.approx(values.mean()) and values[0] != values[1]
-        assert entry["train_loss.std"] == pytest.approx(values.std())
-
-
 def test_the_drawn_lines_are_the_values(seeds_run, monkeypatch):
     """Capture the figures instead of saving them and read the plotted data back."""
     drawn = {}
