@@ -121,13 +121,7 @@ class ScanResult:
     # -- tables ------------------------------------------------------------------------
     def layer_rows(self) -> list[dict[str, Any]]:
         """One flat row per layer: attributes plus every scalar statistic value."""
-        rows = []
-        for entry in self.to_dict()["layers"]:
-            row = {k: _cell(v) for k, v in entry.items() if k not in ("statistics", "via")}
-            for stat, values in entry["statistics"].items():
-                _flatten(values, f"{stat}.", row)
-            rows.append(row)
-        return rows
+        return layer_rows(self.to_dict())
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         rows = self.layer_rows()
@@ -335,6 +329,17 @@ def _restore_extra(data: Mapping[str, Any], results: dict[str, StatisticResult])
 
 def _extra_keys(owners: Mapping[str, list[str]]) -> set[str]:
     return {key for keys in owners.values() for key in keys}
+
+
+def layer_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:meth:`ScanResult.layer_rows` of a result's JSON form (``to_dict``, a saved result.json)."""
+    rows = []
+    for entry in data["layers"]:
+        row = {k: _cell(v) for k, v in entry.items() if k not in ("statistics", "via")}
+        for stat, values in entry["statistics"].items():
+            _flatten(values, f"{stat}.", row)
+        rows.append(row)
+    return rows
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

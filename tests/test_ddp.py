@@ -122,11 +122,41 @@ def test_nproc_refuses_bad_input_before_launching(run_hpa, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("not hpa's")
-    assert_bad_input(run_hpa("train", "--plugin", "digits", "--nproc", "2", "--out", taken), "already exists")
+    line = assert_bad_input(run_hpa("train", "--plugin", "digits", "--nproc", "2", "--out", taken), "notes.txt")
+    assert "--resume" not in line  # not a run: nothing to resume
     assert (taken / "notes.txt").read_text() == "not hpa's"
     assert_bad_input(run_hpa("train", "--resume", tmp_path, "--nproc", "2"), "not an hpa run folder")
     assert_bad_input(run_hpa("train", "--plugin", "digits", "--nproc", "2", "--seeds", "0,1", "--out",
                              tmp_path / "new"), "--seeds")
+
+
+def _refusal(capsys, *argv) -> str:
+    """``hpa train ARGV`` in this process: its one stderr line, after exit status 2."""
+    from hpa.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *map(str, argv)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_seeds_under_torchrun_are_refused_as_with_nproc(capsys, tmp_path, rank):
+    """Every process torchrun starts would train every seed and race for the folders: refused, in the
+    same line as --nproc 2 --seeds, before any folder is made.  One process with the environment
+    torchrun gives each of its processes (a process that waited for the other would time out)."""
+    from hpa.experiments.distributed import _free_port
+
+    args = ("--plugin", "digits", "--epochs", "1", "--device", "cpu", "--seeds", "0,1")
+    with_nproc = _refusal(capsys, *args, "--nproc", "2", "--out", tmp_path / "nproc")
+    env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(hpa_command(*args, "--out", tmp_path / "torchrun"), capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert assert_bad_input(proc, "--seeds") == with_nproc and "--seed N" in with_nproc
+    assert not (tmp_path / "torchrun").exists() and not (tmp_path / "nproc").exists()
 
 
 def test_bad_input_found_by_every_rank_is_one_line(run_hpa, tmp_path):

@@ -85,11 +85,13 @@ def test_one_epoch_from_real_format_fixtures(run_hpa, tmp_path, task):
     assert record["dataset"]["folder"].startswith(str(data))
 
 
-def test_existing_run_folder_is_refused_with_a_resume_hint(run_hpa, tmp_path):
+def test_a_foreign_out_folder_is_refused_naming_its_file_without_a_resume_hint(run_hpa, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    assert_bad_input(run_hpa("train", "--plugin", "digits", "--out", run), "--resume")
+    for seeds in ((), ("--seeds", "0,1")):
+        line = assert_bad_input(run_hpa("train", "--plugin", "digits", *seeds, "--out", run), "notes.txt")
+        assert "--resume" not in line  # it is not a run: there is nothing to resume
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
 
 

@@ -1,45 +1,45 @@
-"""The run directory: what a training run leaves behind, written so that a crash loses nothing.
+"""Writing a run folder: what a training run leaves behind, written so that a crash loses nothing.
 
-::
+The files are named in :mod:`hpa.experiments.layout`; they are read back, with
+checks, by :class:`hpa.experiments.open_run.RunFolder`.  Every file is replaced
+atomically (``hpa.files.atomic_write_bytes``).  Per epoch the order is snapshot,
+metrics, state: the state names the last complete epoch, and on resume anything
+newer is dropped and redone.  Each snapshot's sha256 is recorded in its metrics
+line and the state holds a sha256 of its own tensors, so that a damaged copy is
+told from a good one.
 
-    run.json                         task, architecture, recipe, seed, dataset files, versions, status
-    graph.json                       the traced structure (layers with their ``params`` map), once
-    snapshots/epoch-000.safetensors  the weights after each epoch; epoch 0 is the true initialisation
-    metrics.jsonl                    one line per epoch: lr, train/validation/test loss and accuracy, seconds
-    state/last.pt                    model + optimizer after the last complete epoch, for --resume
-
-Every file is replaced atomically (``hpa.files.atomic_write_bytes``).  Per
-epoch the order is snapshot, metrics, state: the state names the last
-complete epoch, and on resume anything newer is dropped and redone.
+A resume first checks the whole folder and then repairs what can be made again
+exactly (:class:`ResumeRepair`): the last snapshot from the state, epoch 0 from
+the seeded initialisation, graph.json by tracing again, statistics from their
+snapshots.  What cannot (run.json, metrics.jsonl, an intermediate snapshot) is
+refused before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hpa.errors import HpaError, LoadError
+from hpa.experiments.layout import (GRAPH_JSON, METRICS, RUN_JSON, SEEDS_JSON, SNAPSHOTS, STATE, snapshot_files,
+                                    snapshot_name)
+from hpa.experiments.open_run import RunFolder, warn
 from hpa.files import atomic_write_bytes, atomic_write_text
 
-RUN_JSON = "run.json"
-GRAPH_JSON = "graph.json"
-METRICS = "metrics.jsonl"
-STATE = "state/last.pt"
-SNAPSHOTS = "snapshots"
-
-
-def snapshot_name(epoch: int) -> str:
-    return f"{SNAPSHOTS}/epoch-{epoch:03d}.safetensors"
+__all__ = ["GRAPH_JSON", "METRICS", "RUN_JSON", "SNAPSHOTS", "STATE", "ResumeRepair", "RunDir", "snapshot_name"]
 
 
 class RunDir:
-    """One run folder.  ``create`` refuses an existing folder; ``open`` reads one for resuming."""
+    """One run folder, for writing.  ``create`` refuses an existing folder; ``open`` one to resume."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._written: dict[int, str] = {}  # epoch -> sha256 of the snapshot this process wrote
 
     @staticmethod
     def check_new(path: str | os.PathLike) -> Path:
@@ -47,9 +47,13 @@ class RunDir:
         path = Path(path).expanduser()
         if path.exists() and not path.is_dir():
             raise HpaError(f"the run folder {path} is a file, not a folder; choose a new --out")
-        if path.exists() and any(path.iterdir()):
+        entries = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else []
+        if entries and ((path / RUN_JSON).exists() or (path / SEEDS_JSON).exists()):
             raise HpaError(f"the run folder {path} already exists; continue it with --resume {path}, "
                            "or choose a new --out")
+        if entries:
+            raise HpaError(f"the run folder {path} is not empty and is not an hpa run: it holds {entries[0]}; "
+                           "choose a new --out (nothing was changed)")
         from hpa.files import check_output_dir
 
         check_output_dir(path, what="run folder")  # impossible places: under a file, /proc, the cwd, read-only
@@ -64,19 +68,17 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> RunDir:
-        path = Path(path).expanduser()
-        if not (path / RUN_JSON).is_file():
-            raise HpaError(f"{path} is not an hpa run folder (no {RUN_JSON}); give the --out folder of "
-                           "an earlier 'hpa train'")
-        return cls(path)
+        """The run in ``path`` for resuming; an HpaError when it is no run, or its run.json is damaged."""
+        return cls(RunFolder.open(path).path)
+
+    def reader(self) -> RunFolder:
+        """A fresh checked reader of this folder (nothing cached from before a write)."""
+        return RunFolder(self.path)
 
     # -- run.json and graph.json ------------------------------------------------------------
 
     def read_record(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / RUN_JSON).read_text())
-        except (OSError, ValueError) as exc:
-            raise LoadError(f"{self.path / RUN_JSON} is unreadable ({exc}); the run cannot be resumed") from None
+        return self.reader().record()
 
     def write_record(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.path / RUN_JSON, json.dumps(record, indent=2, sort_keys=False) + "\n")
@@ -88,21 +90,18 @@ class RunDir:
 
     def write_snapshot(self, epoch: int, state_dict) -> str:
         """Save the model's tensors as safetensors; returns the file's name relative to the run."""
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        # One metadata key only: safetensors writes a multi-key map in random order (bytes would vary).
-        atomic_write_bytes(self.path / snapshot_name(epoch), save(tensors, metadata={"format": "pt"}))
+        data = snapshot_bytes(state_dict)
+        atomic_write_bytes(self.path / snapshot_name(epoch), data)
+        self._written[epoch] = hashlib.sha256(data).hexdigest()  # recorded by the epoch's metrics line
         return snapshot_name(epoch)
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The metrics lines written so far (an empty list before the first)."""
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The metrics lines written so far (an empty list before the first); damaged: a RunFolderError."""
+        return self.reader().metrics()
 
     def append_metrics(self, line: dict[str, Any]) -> None:
+        if line.get("snapshot") and line["epoch"] in self._written:
+            line = {**line, "snapshot_sha256": self._written[line["epoch"]]}
         # The whole (small) file is rewritten atomically, so a kill never leaves half a line.
         lines = [m for m in self.metrics() if m["epoch"] < line["epoch"]] + [line]
         atomic_write_text(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in lines))
@@ -111,71 +110,155 @@ class RunDir:
         import torch
 
         buffer = io.BytesIO()
-        torch.save({"epoch": epoch, "model": model_state, "optimizer": optimizer_state}, buffer)
+        tensors = {"model": model_state, "optimizer": optimizer_state}
+        torch.save({"epoch": epoch, **tensors, "sha256": tensor_digest(tensors)}, buffer)
         atomic_write_bytes(self.path / STATE, buffer.getvalue())
 
     def read_state(self) -> dict[str, Any]:
+        """state/last.pt, its tensors checked against the sha256 it was saved with; else a LoadError."""
         import torch
 
         path = self.path / STATE
         if not path.is_file():
-            raise LoadError(f"{path} is missing: the run stopped before its initial state was saved; "
-                            f"delete {self.path} and start again")
+            raise LoadError(f"{path} is missing")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            epoch = int(state["epoch"])
+            recorded = state.get("sha256")  # absent in states written before it was recorded
         except Exception as exc:
-            raise LoadError(f"{path} is unreadable ({type(exc).__name__}); the run cannot be resumed") from None
+            raise LoadError(f"{path} is unreadable ({type(exc).__name__})") from None
+        if recorded is not None and tensor_digest({"model": state["model"], "optimizer": state["optimizer"]}) != recorded:
+            raise LoadError(f"{path} is damaged (its tensors are not those it was saved with)")
+        state["epoch"] = epoch
+        return state
 
-    def resume_state(self) -> tuple[dict[str, Any], str | None]:
+    def resume_state(self, reader: RunFolder, last_epoch: int | None = None) -> tuple[dict[str, Any], str | None]:
         """The state to resume from, and a one-line note when it is not simply ``state/last.pt``.
 
-        A damaged file (a truncated copy, a full disk) never stops a resume:
-        a damaged snapshot of the state's own epoch is rewritten from the state
-        (the same tensors, so nothing changes); an unreadable state falls back to
-        the last good snapshot that has its metrics line, with the optimizer's
-        momentum starting afresh.  Raises only when no epoch at all is usable.
+        An unusable state (missing, truncated, damaged) falls back to the last whole snapshot that
+        has its metrics line, with the optimizer's momentum starting afresh.  Writes nothing; raises
+        only when no epoch at all is usable.  ``last_epoch``: the recipe's, to say what follows.
         """
         try:
-            state = self.read_state()
+            return self.read_state(), None
         except LoadError as exc:
-            return self._fall_back(str(exc))
-        epoch = int(state["epoch"])
-        path = self.path / snapshot_name(epoch)
-        if path.exists() and not self.snapshot_is_good(epoch):
-            self.write_snapshot(epoch, state["model"])
-            return state, (f"{path} was damaged; rewrote it from {self.path / STATE} (the same weights) "
-                           f"and resumed after epoch {epoch}")
-        return state, None
-
-    def snapshot_is_good(self, epoch: int) -> bool:
-        """True when the snapshot of ``epoch`` exists and reads back whole."""
-        from safetensors.numpy import load_file
-
-        try:
-            load_file(str(self.path / snapshot_name(epoch)))
-        except Exception:  # missing, truncated or not safetensors at all
-            return False
-        return True
-
-    def _fall_back(self, reason: str) -> tuple[dict[str, Any], str]:
+            reason = str(exc)
+        if not reader.metrics():
+            raise LoadError(f"{self.path} stopped before its initial state was saved ({reason}); delete "
+                            f"{self.path} and start again")
+        good = [epoch for epoch in reversed(reader.snapshot_epochs()) if reader.snapshot_problem(epoch) is None]
+        if not good:
+            raise LoadError(f"{reason}, and no snapshot is whole either; delete {self.path} and start again")
         from safetensors.torch import load_file
 
-        logged = [m["epoch"] for m in self.metrics() if m.get("snapshot")]
-        good = [epoch for epoch in sorted(logged, reverse=True) if self.snapshot_is_good(epoch)]
-        if not good:
-            raise LoadError(f"{reason}, and no snapshot is readable either; delete {self.path} and start again")
         epoch = good[0]
         state = {"epoch": epoch, "model": load_file(str(self.path / snapshot_name(epoch))), "optimizer": None}
-        return state, (f"{self.path / STATE} is unusable; fell back to the last good epoch, {epoch} "
-                       "(its snapshot), with the optimizer's momentum restarted, so later epochs differ "
-                       "from an uninterrupted run")
+        if last_epoch is not None and epoch >= last_epoch:
+            after = "the run is complete, so nothing is trained again"
+        elif epoch == 0:
+            after = "as at the start of training"
+        else:
+            after = "with the optimizer's momentum restarted, so later epochs differ from an uninterrupted run"
+        return state, f"{reason}; fell back to the last good epoch, {epoch} (its snapshot), {after}"
+
+    def plan_repair(self, reader: RunFolder, state: dict[str, Any], initial_state) -> ResumeRepair:
+        """What a resume from ``state`` must rewrite first (see :class:`ResumeRepair`); writes nothing.
+
+        ``initial_state``: the model's state_dict as built for this run (its epoch 0).  Raises a
+        RunFolderError naming the first file that cannot be made again, and the fix.
+        """
+        from hpa.experiments.open_run import _FIX_METRICS
+        from hpa.experiments.stats import plan_statistics_repair
+
+        done = int(state["epoch"])
+        lines = reader.metrics()
+        if done >= len(lines):
+            raise reader.damaged(METRICS, f"ends at epoch {len(lines) - 1}, but {STATE} is after epoch {done}: "
+                                          "the lines in between are lost", _FIX_METRICS)
+        epochs = [epoch for epoch in reader.snapshot_epochs() if epoch <= done]  # later ones are redone
+        repair = ResumeRepair(self, graph=reader.graph_problem())
+        for epoch in epochs:
+            problem = reader.snapshot_problem(epoch)
+            if problem is not None:
+                repair.snapshots[epoch] = self._snapshot_again(reader, epoch, problem, done, state, initial_state)
+        repair.statistics = plan_statistics_repair(reader, epochs)
+        return repair
+
+    def _snapshot_again(self, reader: RunFolder, epoch: int, problem: str, done: int, state, initial_state):
+        """(problem, bytes, how) of a damaged snapshot made again, or a RunFolderError when it cannot be."""
+        if epoch == done:
+            data, how = snapshot_bytes(state["model"]), f"rewrote it from {self.path / STATE} (the same weights)"
+        elif epoch == 0:
+            data, how = snapshot_bytes(initial_state), "rebuilt it (epoch 0 is the seeded initialisation)"
+        else:
+            raise reader.damaged(snapshot_name(epoch), problem, reader.snapshot_fix(epoch))
+        recorded = reader.recorded_sha256(epoch)
+        if recorded is None:
+            how += "; the run records no sha256 to check it against"
+        elif hashlib.sha256(data).hexdigest() != recorded:
+            raise reader.damaged(snapshot_name(epoch), problem, "what hpa would write again differs from what "
+                                 f"{METRICS} recorded (sha256), so it cannot be rebuilt: restore it from a backup")
+        return problem, data, how
 
     def truncate_to(self, epoch: int) -> None:
         """Drop what a killed run wrote after ``epoch``, the last complete one (all of it hpa's own)."""
         kept = [m for m in self.metrics() if m["epoch"] <= epoch]
         if len(kept) != len(self.metrics()):
             atomic_write_text(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
-        for snapshot in (self.path / SNAPSHOTS).glob("epoch-*.safetensors"):
-            number = snapshot.name[len("epoch-"):-len(".safetensors")]
-            if number.isdigit() and int(number) > epoch:
+        for number, snapshot in snapshot_files(self.path).items():
+            if number > epoch:
                 snapshot.unlink()
+
+
+@dataclass
+class ResumeRepair:
+    """The files a resume rewrites before it trains, each with one warning line (from :meth:`RunDir.plan_repair`)."""
+
+    run: RunDir
+    graph: str | None = None  # graph.json's problem: traced again
+    snapshots: dict[int, tuple[str, bytes, str]] = field(default_factory=dict)  # epoch -> (problem, bytes, how)
+    statistics: Any = None  # stats.StatisticsRepair
+
+    def apply(self, graph_record: dict[str, Any], structure, model) -> None:
+        """Rewrite: snapshots first (the statistics read them), graph.json, then the statistics files."""
+        for epoch, (problem, data, how) in sorted(self.snapshots.items()):
+            atomic_write_bytes(self.run.path / snapshot_name(epoch), data)
+            warn(f"{self.run.path / snapshot_name(epoch)} {problem}; {how}")
+        if self.graph:
+            self.run.write_graph(graph_record)
+            warn(f"{self.run.path / GRAPH_JSON} {self.graph}; traced the architecture again and rewrote it")
+        if self.statistics:
+            self.statistics.apply(structure, model, warn)
+
+
+def snapshot_bytes(state_dict) -> bytes:
+    """The safetensors bytes of a model's tensors, as every snapshot is written."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    # One metadata key only: safetensors writes a multi-key map in random order (bytes would vary).
+    return save(tensors, metadata={"format": "pt"})
+
+
+def tensor_digest(tree) -> str:
+    """sha256 over every tensor (dtype, shape, bytes) and value of nested dicts and lists, with their keys."""
+    import torch
+
+    digest = hashlib.sha256()
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to("cpu").contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}/{name}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{key}/{index}")
+        else:
+            digest.update(f"{key}={value!r};".encode())
+
+    walk(tree, "")
+    return digest.hexdigest()

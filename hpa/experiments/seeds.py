@@ -4,12 +4,13 @@
 that is unfinished and starts the ones never started, with the recorded
 configuration.  ``summary.csv`` has one row per (epoch, layer) with the mean
 and standard deviation over seeds of every numeric ``series.csv`` column;
-``summary.json`` holds the same for ``metrics.jsonl`` per epoch.
+``summary.json`` holds the same for ``metrics.jsonl`` per epoch.  The seeds run
+one after another in one process: several processes (``--nproc``, torchrun)
+train one run at a time.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,15 @@ from typing import Any
 import numpy as np
 
 from hpa.errors import HpaError, OptionError
-from hpa.experiments.run import METRICS
-from hpa.experiments.stats import SERIES, _csv, finite_number
+from hpa.experiments.layout import (RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, csv_text, finite_number,
+                                    seed_folder)
 from hpa.files import atomic_write_text
 
-SEEDS_JSON = "seeds.json"
+__all__ = ["SEEDS_JSON", "ONE_PROCESS", "is_multi_seed", "parse_seeds", "resume_seeds", "train_seeds",
+           "write_summary"]
+
+#: Why --seeds is refused with several processes; the same line for --nproc and for torchrun.
+ONE_PROCESS = "--nproc and torchrun train one run at a time; give --seed N instead of --seeds"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -35,47 +40,84 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def is_multi_seed(folder: str | Path) -> bool:
-    return (Path(folder) / SEEDS_JSON).is_file()
+    """True for a ``--seeds`` folder, also one whose seeds.json is missing (its seed-N folders tell)."""
+    from hpa.experiments.layout import seed_folders
+
+    folder = Path(folder).expanduser()
+    return (folder / SEEDS_JSON).exists() or (not (folder / RUN_JSON).exists() and bool(seed_folders(folder)))
 
 
 def train_seeds(seeds: list[int], out: str | Path, **options: Any) -> Path:
     """Train one run per seed into ``out/seed-N`` and write the summary; returns ``out``."""
+    from hpa.experiments.run import RunDir
     from hpa.experiments.train import train
 
+    _refuse_several_processes()
     options = {k: v for k, v in options.items() if k not in ("seed", "resume")}
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HpaError(f"the run folder {out} already exists; continue it with --resume {out}, or choose a new --out")
+    out = RunDir.check_new(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SEEDS_JSON, json.dumps({"seeds": seeds}) + "\n")
-    for seed in seeds:
-        train(out=out / f"seed-{seed}", seed=seed, **options)
+    with _interrupted_in(out):
+        for seed in seeds:
+            train(out=seed_folder(out, seed), seed=seed, **options)
     write_summary(out, seeds)
     return out
 
 
 def resume_seeds(folder: str | Path, **given: Any) -> Path:
     """Continue every seed's run in ``folder`` (starting those never started), then rewrite the summary."""
+    from hpa.experiments.open_run import RunFolder, read_seeds
     from hpa.experiments.train import train
 
+    _refuse_several_processes()
     given = {k: v for k, v in given.items() if k not in ("out", "resume")}
     out = Path(folder).expanduser()
-    seeds = json.loads((out / SEEDS_JSON).read_text())["seeds"]
-    started = [s for s in seeds if (out / f"seed-{s}" / "run.json").is_file()]
-    for seed in seeds:
-        run = out / f"seed-{seed}"
-        if seed in started:
-            train(resume=run, **given)
-        elif started:
-            train(out=run, seed=seed, **{**_recorded_options(out / f"seed-{started[0]}"), **_given(given)})
-        else:
-            raise HpaError(f"no run in {out} has started; delete {out} and start again with --seeds")
+    seeds = read_seeds(out, repair=True)  # a damaged seeds.json is made again from the seed-N folders
+    started = [s for s in seeds if (seed_folder(out, s) / RUN_JSON).is_file()]
+    if not started:
+        raise HpaError(f"no run in {out} has started; delete {out} and start again with --seeds")
+    for seed in started:  # every run.json checked before any seed trains
+        RunFolder.open(seed_folder(out, seed), resume_target=out)
+    with _interrupted_in(out):
+        for seed in seeds:
+            run = seed_folder(out, seed)
+            if seed in started:
+                train(resume=run, **given)
+            else:
+                train(out=run, seed=seed, **{**_recorded_options(seed_folder(out, started[0])), **_given(given)})
     write_summary(out, seeds)
     return out
 
 
+def _refuse_several_processes() -> None:
+    """Under torchrun every process would train every seed, racing for the folders: refused, as --nproc is."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HpaError(ONE_PROCESS)
+
+
+class _interrupted_in:
+    """Ctrl-C in one seed's run: say how to continue the whole ``--seeds`` folder, not the one seed."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from hpa.experiments.train import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            raise TrainingInterrupted.of(self.out) from None
+        return False
+
+
 def _recorded_options(folder: Path) -> dict[str, Any]:
-    record = json.loads((folder / "run.json").read_text())
+    from hpa.experiments.open_run import RunFolder
+
+    record = RunFolder(folder).record()
     config = record["config"]
     return {"task": config["task"], "arch": config["arch"], "device": config["device"],
             "snapshot_every": config["snapshot_every"], "statistics": config.get("statistics", ()),
@@ -90,12 +132,44 @@ def _given(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(out: Path, seeds: list[int]) -> None:
-    rows = {seed: _read_series(out / f"seed-{seed}" / SERIES) for seed in seeds}
-    atomic_write_text(out / "summary.csv", _csv(_mean_std(rows, ("epoch", "layer"))))
-    metrics = {seed: _read_metrics(out / f"seed-{seed}" / METRICS) for seed in seeds}
+    """summary.csv, summary.json and figures/ of a ``--seeds`` folder, from each seed's series and metrics.
+
+    Both summaries are made of the seeds' files alone; one found damaged is said to be rewritten.
+    """
+    from hpa.experiments.open_run import RunFolder, warn
+
+    readers = {seed: RunFolder(seed_folder(out, seed), resume_target=out) for seed in seeds}
+    rows = {seed: reader.series_rows() for seed, reader in readers.items() if (reader.path / RUN_JSON).exists()}
+    metrics = {seed: [{k: v for k, v in line.items() if k not in ("snapshot", "snapshot_sha256")}
+                      for line in reader.metrics()] for seed, reader in readers.items()
+               if (reader.path / RUN_JSON).exists()}
+    damaged = [name for name in (SUMMARY_CSV, SUMMARY_JSON) if _unreadable(out / name)]
+    atomic_write_text(out / SUMMARY_CSV, csv_text(_mean_std(rows, ("epoch", "layer"))))
     summary = {"seeds": seeds, "metrics": _mean_std(metrics, ("epoch",))}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / SUMMARY_JSON, json.dumps(summary, indent=1) + "\n")
+    for name in damaged:
+        warn(f"{out / name} was damaged; rewrote it from the seeds' series.csv and metrics.jsonl")
     _write_figures(out)
+
+
+def _unreadable(path: Path) -> bool:
+    """True when an existing summary file is not whole (a summary never written is not damaged)."""
+    import csv
+    import io
+
+    if not path.exists():
+        return False
+    try:
+        text = path.read_bytes().decode("utf-8")
+        if "\x00" in text:
+            return True
+        if path.suffix == ".json":
+            return not isinstance(json.loads(text).get("metrics"), list)
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        header_ok = not text.strip() or text.startswith("epoch,")  # no statistic ran: a header without columns
+        return not header_ok or any(None in row or None in row.values() for row in rows)
+    except (ValueError, AttributeError):
+        return True
 
 
 def _write_figures(out: Path) -> None:
@@ -122,16 +196,3 @@ def _mean_std(per_seed: dict[int, list[dict[str, Any]]], keys: tuple[str, ...]) 
                 summary[f"{column}.std"] = float(np.std(values))
         out.append(summary)
     return sorted(out, key=lambda r: (int(r["epoch"]), *[str(r[k]) for k in keys[1:]]))
-
-
-def _read_series(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [{k: v for k, v in json.loads(line).items() if k != "snapshot"} for line in path.read_text().splitlines()]

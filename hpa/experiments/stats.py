@@ -4,26 +4,36 @@
 epoch 0 (so distances from the initialisation come with it), and ``series.csv``
 holds one row per (epoch, layer) with every scalar per-layer value of every
 statistic.  Both are rewritten atomically, after the snapshot and before the
-metrics line of the epoch.
+metrics line of the epoch.  ``series.csv`` is made of the stats files' values
+only, so it can always be made again from them (:func:`series_rows_of`).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import math
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from hpa.errors import LoadError, OptionError
+from hpa.experiments.layout import FINISHED, SERIES, csv_text, finite_number, snapshot_name, stats_name
 from hpa.files import atomic_write_text
 
-SERIES = "series.csv"
-# Layer attributes that are not values over epochs (the structure is in graph.json).
-_STRUCTURE = {"index", "kind", "out_channels", "in_channels", "kernel_size", "stride", "padding", "dilation",
-              "groups", "output_padding", "activation", "bn_folded", "input_shape", "output_shape",
-              "predecessors", "channel_bias", "inferred", "params", "branch", "name"}
+__all__ = ["SERIES", "EpochStatistics", "analyse_run", "finite_number", "series_rows_of"]
+_csv = csv_text  # the name seeds.py and older callers import
+
+def series_rows_of(epoch: int, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The series.csv rows of one epoch's scan result (its ``to_dict()``, as stats/ holds it).
+
+    A row holds the statistics' values only (``NAME.value``, as ``layer_rows`` names them); the
+    layers' structure is in graph.json.
+    """
+    from hpa.result import layer_rows
+
+    return [{"epoch": epoch, "layer": row["name"], **{k: v for k, v in row.items() if "." in k}}
+            for row in layer_rows(result)]
 
 
 class EpochStatistics:
@@ -34,15 +44,13 @@ class EpochStatistics:
         self.init = None
         self.rows: list[dict[str, Any]] = []
 
-    def resume(self, done: int) -> None:
-        """Reload epoch 0 and the series rows of epochs up to ``done``."""
-        from hpa.experiments.run import snapshot_name
+    def resume(self, done: int, rows: list[dict[str, Any]] | None = None) -> None:
+        """Reload epoch 0 and the series rows of epochs up to ``done`` (``rows``: series.csv's, checked)."""
+        from hpa.experiments.open_run import RunFolder
 
         self.init = self._graph(self.folder / snapshot_name(0))
-        path = self.folder / SERIES
-        if path.exists():
-            with open(path, newline="") as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= done]
+        rows = RunFolder(self.folder).series_file_rows() if rows is None else rows
+        self.rows = [row for row in rows if int(row["epoch"]) <= done]
 
     def record(self, epoch: int, snapshot: Path) -> None:
         import hpa
@@ -54,13 +62,11 @@ class EpochStatistics:
             self.init = graph
         result = hpa.analyse(graph, init=self.init, statistics=list(self.statistics))
         (self.folder / "stats").mkdir(exist_ok=True)
-        atomic_write_text(self.folder / "stats" / f"epoch-{epoch:03d}.json", result.to_json() + "\n")
+        atomic_write_text(self.folder / stats_name(epoch), result.to_json() + "\n")
         kept = [row for row in self.rows if int(row["epoch"]) != epoch]
-        for row in result.layer_rows():
-            values = {k: v for k, v in row.items() if k not in _STRUCTURE}
-            kept.append({"epoch": epoch, "layer": row["name"], **values})
+        kept += series_rows_of(epoch, result.to_dict())
         self.rows = sorted(kept, key=lambda row: int(row["epoch"]))  # stable: layers stay in order
-        atomic_write_text(self.folder / SERIES, _csv(self.rows))
+        atomic_write_text(self.folder / SERIES, csv_text(self.rows))
 
     def _graph(self, snapshot: Path):
         """The snapshot as a ConvGraph: rebound to the traced structure (numpy only) when possible."""
@@ -77,28 +83,120 @@ class EpochStatistics:
             return _retrace(self.model, state, self.structure.input_shape)
 
 
+# -- repairing what statistics left in a run folder ------------------------------------------------
+
+@dataclass
+class StatisticsRepair:
+    """The statistics files of one run folder that are damaged, and what will make them again.
+
+    Made by :func:`plan_statistics_repair` without writing anything; :meth:`apply` then rewrites,
+    with one warning per file: each damaged stats file recomputed from its snapshot with every
+    statistic the run holds values of for that epoch, series.csv from stats/, finished.jsonl
+    from the stats files and their times.
+    """
+
+    reader: Any  # open_run.RunFolder
+    epochs: list[int]  # the snapshot epochs whose statistics count
+    rows: list[dict[str, Any]]  # series.csv's rows, or those stats/ gives when it is damaged
+    stats: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # epoch -> (problem, statistics)
+    series: str | None = None  # series.csv's problem
+    finished: str | None = None  # finished.jsonl's problem
+
+    def __bool__(self) -> bool:
+        return bool(self.stats or self.series or self.finished)
+
+    def apply(self, structure, model, warn: Callable[[str], None]) -> None:
+        folder = self.reader.path
+        if self.series:
+            atomic_write_text(folder / SERIES, csv_text(self.rows))
+            warn(f"{folder / SERIES} {self.series}; rewrote it from stats/")
+        if self.stats:
+            worker = EpochStatistics(folder, structure, model, ())
+            worker.resume(max(self.epochs), self.rows)
+            for epoch, (problem, names) in sorted(self.stats.items()):
+                worker.statistics = names
+                worker.record(epoch, folder / snapshot_name(epoch))
+                warn(f"{folder / stats_name(epoch)} {problem}; recomputed it from its snapshot ({', '.join(names)})")
+        if self.finished or self.stats:
+            self._write_finished(warn)
+
+    def _write_finished(self, warn: Callable[[str], None]) -> None:
+        """finished.jsonl of the epochs whose statistics are all there, timed by their stats files."""
+        from hpa.experiments.open_run import RunFolder
+
+        reader = RunFolder(self.reader.path)
+        path = reader.path / FINISHED
+        wanted = set(reader.record()["config"].get("statistics", []))
+        in_series = reader._series_epochs()
+        lines = []
+        for epoch in self.epochs:
+            stats = reader.path / stats_name(epoch)
+            if epoch in in_series and stats.exists() and wanted <= reader.statistics_of(epoch):
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stats.stat().st_mtime))
+                lines.append(json.dumps({"epoch": epoch, "finished": stamp}) + "\n")
+        atomic_write_text(path, "".join(lines))
+        if self.finished:
+            warn(f"{path} {self.finished}; rewrote it from stats/ (each time from its stats file)")
+
+
+def plan_statistics_repair(reader, epochs: list[int], also: tuple[str, ...] = ()) -> StatisticsRepair:
+    """What of stats/, series.csv and finished.jsonl needs making again, for ``epochs`` (snapshot epochs).
+
+    ``also``: statistics to compute for a recomputed epoch besides those it held (analyse-run's).
+    Raises a RunFolderError when a damaged file needs a statistic that is not installed.
+    """
+    from hpa.experiments.open_run import RunFolderError
+    from hpa.plugins import registries
+
+    series = reader.series_problem()
+    rows = reader.series_from_stats(skip_damaged=True) if series else reader.series_file_rows()
+    plan = StatisticsRepair(reader, list(epochs), rows, series=series, finished=reader.finished_problem())
+    installed = {s.name for s in registries()["statistics"].items()}
+    for epoch in epochs:
+        problem = reader.stats_problem(epoch)
+        if problem is None:
+            continue
+        names = tuple(dict.fromkeys((*also, *sorted(reader.recorded_statistics(epoch, rows)))))
+        missing = [name for name in names if name not in installed]
+        if missing:
+            raise RunFolderError(f"{reader.path / stats_name(epoch)} {problem}; recomputing it needs the statistic "
+                                 f"{missing[0]}, which is not installed: install it, then run the command again")
+        if names:
+            plan.stats[epoch] = (problem, names)
+    return plan
+
+
+# -- hpa analyse-run ----------------------------------------------------------------------------------
+
 def analyse_run(folder: str | Path, statistics: list[str] | tuple[str, ...],
                 progress: Callable[[str], None] | None = None) -> dict[str, list[int]]:
     """Run ``statistics`` over every saved snapshot of a run (or of each seed), skipping epochs done.
 
     An epoch is done when its ``stats/epoch-NNN.json`` already holds every one of
     ``statistics``; otherwise it is analysed again with those and the statistics it
-    already had, so each stats file stays one coherent result.  ``stats/`` and
-    ``series.csv`` are rewritten atomically after each epoch (a kill loses at most
-    the epoch in hand), then a ``--seeds`` summary and the figures.  Returns
-    ``{"analysed": [...], "already_done": [...]}`` (epochs, over all seeds).
+    already had, so each stats file stays one coherent result.  Every file read is
+    checked first, for every seed, before anything is written: a damaged snapshot or
+    graph.json is refused (RunFolderError, naming the fix); a damaged stats file is
+    recomputed with every statistic it held, series.csv made again from stats/.
+    ``stats/`` and ``series.csv`` are rewritten atomically after each epoch (a kill
+    loses at most the epoch in hand), then a ``--seeds`` summary and the figures.
+    Returns ``{"analysed": [...], "already_done": [...]}`` (epochs, over all seeds).
     """
-    from hpa.experiments.open_run import open_run
+    from hpa.experiments.open_run import open_run, read_seeds, warn
     from hpa.experiments.train import _check_statistics
 
     statistics = tuple(dict.fromkeys(statistics))
     if not statistics:
         raise OptionError("name a statistic with --stat (hpa plugins lists them)")
     _check_statistics(statistics)
+    read_seeds(Path(folder).expanduser(), repair=True)  # a --seeds folder's damaged seeds.json: made again
     run = open_run(folder)
+    plans = {seed: _plan_seed(run.reader(seed), statistics) for seed in run.seeds}  # all checks first
     report: dict[str, list[int]] = {"analysed": [], "already_done": []}
-    for seed in run.seeds:
-        _analyse_seed(run, seed, statistics, report, progress or (lambda line: None))
+    for seed, (structure, repair, todo) in plans.items():
+        repair.apply(structure, None, warn)
+        report["analysed"] += sorted(repair.stats)
+        _analyse_seed(run, seed, structure, todo, set(repair.stats), report, progress or (lambda line: None))
     if len(run.seeds) > 1:
         from hpa.experiments.seeds import write_summary
 
@@ -107,34 +205,37 @@ def analyse_run(folder: str | Path, statistics: list[str] | tuple[str, ...],
     return report
 
 
-def _analyse_seed(run, seed: int, statistics: tuple[str, ...], report, progress) -> None:
+def _plan_seed(reader, statistics: tuple[str, ...]):
+    """(structure, the repair of its statistics files, epoch -> statistics to run) of one run folder."""
+    snapshots = reader.snapshot_epochs()
+    if 0 not in snapshots:
+        raise LoadError(f"{reader.path} has no snapshot of epoch 0 (the initialisation statistics compare with)")
+    for epoch in snapshots:
+        reader.check_snapshot(epoch)  # missing or damaged: refused, naming the fix
+    structure = reader.structure()
+    repair = plan_statistics_repair(reader, snapshots, also=statistics)
+    todo = {}
+    for epoch in snapshots:
+        held = reader.statistics_of(epoch)
+        if epoch not in repair.stats and not set(statistics) <= held:
+            todo[epoch] = tuple(dict.fromkeys(statistics + tuple(sorted(held))))
+    return structure, repair, todo
+
+
+def _analyse_seed(run, seed: int, structure, todo: dict[int, tuple[str, ...]], repaired: set[int], report,
+                  progress) -> None:
     folder = run.folders[seed]
     snapshots = run.snapshots(seed)
-    if 0 not in snapshots:
-        raise LoadError(f"{folder} has no snapshot of epoch 0 (the initialisation statistics compare with)")
-    done = {epoch: _statistics_in(folder, epoch) for epoch in snapshots}
-    todo = [epoch for epoch in snapshots if not set(statistics) <= done[epoch]]
-    report["already_done"] += [epoch for epoch in snapshots if epoch not in todo]
+    report["already_done"] += [epoch for epoch in snapshots if epoch not in todo and epoch not in repaired]
     if not todo:
         return
-    worker = EpochStatistics(folder, run.structure(seed), None, statistics)
+    worker = EpochStatistics(folder, structure, None, ())
     worker.resume(max(snapshots))  # epoch 0 as the init, and the series rows so far
-    for epoch in todo:
-        names = tuple(dict.fromkeys(statistics + tuple(sorted(done[epoch]))))
+    for epoch, names in todo.items():
         worker.statistics = names
         worker.record(epoch, snapshots[epoch])
         report["analysed"].append(epoch)
         progress(f"{folder.name if len(run.seeds) > 1 else folder}: epoch {epoch} ({', '.join(names)})")
-
-
-def _statistics_in(folder: Path, epoch: int) -> set[str]:
-    import json
-
-    path = folder / "stats" / f"epoch-{epoch:03d}.json"
-    try:
-        return set(json.loads(path.read_text()).get("statistics", []))
-    except (OSError, ValueError):  # missing or damaged: analyse the epoch again
-        return set()
 
 
 def _retrace(model, state, input_size):
@@ -145,23 +246,3 @@ def _retrace(model, state, input_size):
     probe = copy.deepcopy(model).cpu()
     probe.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
     return hpa.load(probe, input_size=input_size)
-
-
-def finite_number(value: Any) -> float | None:
-    """A series.csv (or metrics) cell as a finite float; None for blanks, text, NaN and infinities."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
