@@ -73,6 +73,7 @@ class _State:
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self.versions: dict[str, str] = {}
+        self.distributions: dict[str, str] = {}  # plugin -> the installed distribution that provides it
         self.loaded = False
         self._registries: dict[str, Registry] | None = None
         self._converters: dict[type, Any] | None = None  # module class -> convert function
@@ -95,6 +96,7 @@ def load_plugins() -> None:
     own_version = _version("hpa")
     for name, module in BUILTIN_PLUGINS.items():
         if name not in disabled:
+            _state.distributions[name] = "hpa"
             _register_module(name, module, own_version)
     if not _truthy(os.environ.get("HPA_DISABLE_PLUGIN_AUTOLOAD")):
         for entry_point in metadata.entry_points(group=GROUP):
@@ -102,6 +104,8 @@ def load_plugins() -> None:
                 continue
             dist = getattr(entry_point, "dist", None)
             version = dist.version if dist is not None else ""
+            # what the user installed (pip's name), which need not be the entry point's name
+            _state.distributions[entry_point.name] = dist.name if dist is not None else ""
             _register_module(entry_point.name, entry_point.value, version)
     if _truthy(os.environ.get("HPA_TRACE_HOOKS")):
         _state.pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
@@ -256,7 +260,9 @@ def _add_converter(table: dict[type, tuple[ModuleConverter, str]], converter: An
 
 
 def describe_plugins() -> list[dict[str, Any]]:
-    """Every plugin with its version, hooks, what it registers and their options; failures included."""
+    """Every plugin with its distribution and version, hooks, what it registers and their options; failures
+    included.  ``distribution`` is the installed package that provides it ("hpa" for the built-ins, "" for a
+    plugin registered in-process)."""
     load_plugins()
     registered = _registered_by_plugin()
     out = []
@@ -265,12 +271,14 @@ def describe_plugins() -> list[dict[str, Any]]:
         out.append({
             "name": name,
             "hooks": hooks,
+            "distribution": _state.distributions.get(name, ""),
             "version": _state.versions.get(name, ""),
             "builtin": name in BUILTIN_PLUGINS,
             **registered.get(name, {}),
         })
     for failure in _state.failures:
-        out.append({"name": failure.name, "hooks": [], "version": "", "error": failure.error})
+        out.append({"name": failure.name, "hooks": [], "distribution": _state.distributions.get(failure.name, ""),
+                    "version": "", "error": failure.error})
     return out
 
 

@@ -73,6 +73,16 @@ def test_hpa_plugins_lists_it(hpa_with_plugin):
     entry = next(p for p in json.loads(proc.stdout) if p["name"] == "filter_norms")
     assert entry["hooks"] == ["register_loaders", "register_statistics"]
     assert entry["version"] == "0.1.0" and not entry.get("builtin") and "error" not in entry
+    assert entry["distribution"] == "hpa-filter-norms"  # what was pip-installed, not the entry point's name
+    assert next(p for p in json.loads(proc.stdout) if p["name"] == "projection")["distribution"] == "hpa"
+
+
+def test_hpa_plugins_shows_the_installed_distribution_and_its_version(hpa_with_plugin):
+    proc = hpa_with_plugin("plugins")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("filter_norms "))
+    assert line.split()[:3] == ["filter_norms", "hpa-filter-norms", "0.1.0"], line
+    assert line.rstrip().endswith("register_loaders, register_statistics")
 
 
 def test_autoload_off_leaves_it_out(hpa_with_plugin):
