@@ -10,8 +10,11 @@ the editable install.  A mutant *survives* when those tests pass.
 A mutant whose snippet no longer occurs exactly as often as it says is
 *stale*: a refactor moved the code, and the mutant must be rewritten rather
 than silently dropped.  Survivors and stale mutants make the exit status 1.
-The unmutated copy is tested first, so a tree that is already failing is not
-mistaken for killed mutants.
+Every test that killed a mutant is then run once more on the unmutated copy
+(all of them in one pytest run); one that fails there too is left out, listed,
+and its mutants are run again without it, so a tree that is already failing is
+not mistaken for killed mutants.  Only the killing tests run unmutated, not
+every test a mutant names.
 
     python tools/mutation.py            # all mutants
     python tools/mutation.py -k cones   # mutants whose name contains "cones"
@@ -134,18 +137,22 @@ MUTANTS = (
     Mutant("files: the staging folder is left behind when the writer fails", ("hpa/files.py",),
            "            _remove_tree(staging)\n            for folder in reversed(created):\n",
            "            for folder in reversed(created):\n", (FILES,)),
-    # -- the trainer's speed and launch choices (issue 11) --
+    # -- the trainer's speed and launch choices (issue 11); each names its killing test, since the files'
+    # other tests (minutes of training and launching) would run first --
     Mutant("trainer: the recorded --cpu-threads is not applied", ("hpa/experiments/train.py",),
            "        if self.config.cpu_threads is not None:\n",
-           "        if False:\n", ("tests/test_fast_path.py",)),
+           "        if False:\n",
+           ("tests/test_fast_path.py::test_training_runs_on_the_recorded_thread_count_and_restores_the_callers",)),
     Mutant("trainer: freed host memory still goes back to the kernel", ("hpa/experiments/loop.py",),
            "    libc.mallopt(m_mmap_max, 0)\n",
-           "    libc.mallopt(m_mmap_max, 65536)\n", ("tests/test_fast_path.py",)),
+           "    libc.mallopt(m_mmap_max, 65536)\n",
+           ("tests/test_fast_path.py::test_cpu_training_keeps_freed_host_memory_mapped",)),
     Mutant("launcher: another rank's error is not reported", ("hpa/experiments/distributed.py",),
            "        self._report(rank, code)\n",
-           "", ("tests/test_ddp.py",)),
+           "", ("tests/test_ddp.py::test_a_failure_of_another_rank_is_reported_once_and_stops_rank_0",)),
     Mutant("launcher: torch._dynamo imported only after the group is made", ("hpa/experiments/distributed.py",),
-           "    import torch._dynamo  # noqa: F401\n", "", ("tests/test_ddp.py",)),
+           "    import torch._dynamo  # noqa: F401\n", "",
+           ("tests/test_ddp.py::test_closing_the_group_ends_its_worker_threads",)),
     # -- the experiment half's numbers and safety code (issue 17) --
     Mutant("reinit: uint8 test pixels not scaled to [0, 1]", (REINIT,),
            "scale = 1 / 255 if dataset.test_images.dtype == np.uint8 else 1.0", "scale = 1.0",
@@ -289,28 +296,51 @@ def run_tests(tree: Path, tests: tuple[str, ...], first_failure: bool,
               deselect: list[str] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(tree / ".mutation-path"), HPA_DISABLE_PLUGIN_AUTOLOAD="1",
                PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *tests]
     command += [arg for node in deselect for arg in ("--deselect", node)]
     if first_failure:
         command.append("-x")
     return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
 
 
-def baseline_failures(tree: Path, tests: tuple[str, ...]) -> list[str] | None:
-    """The tests that already fail on the unmutated tree (then left out, and listed), or None on an error.
+def failed_nodes(proc: subprocess.CompletedProcess) -> list[str]:
+    """The node ids of the FAILED and ERROR lines of pytest's short summary (``-rfE``)."""
+    return [line.split(" ", 1)[1].split(" - ")[0] for line in proc.stdout.splitlines()
+            if line.startswith(("FAILED ", "ERROR "))]
+
+
+def pristine_failures(tree: Path, nodes: list[str]) -> set[str] | None:
+    """Which of ``nodes`` (tests that killed a mutant) fail on the unmutated tree too; None when pytest cannot run.
 
     A test that fails without any mutant would "kill" every mutant, so it cannot count as a kill.
     """
-    proc = run_tests(tree, tests, first_failure=False)
+    proc = run_tests(tree, tuple(nodes), first_failure=False)
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:] + proc.stderr[-3000:])
         print(f"mutation: the unmutated tests could not run (pytest exit {proc.returncode}); fix that first")
         return None
-    failing = [line[len("FAILED "):].split(" - ")[0] for line in proc.stdout.splitlines()
-               if line.startswith("FAILED ")]
-    for node in failing:
-        print(f"WARNING   fails without a mutant, left out: {node}")
-    return failing
+    return set(failed_nodes(proc))
+
+
+def run_mutant(pristine: Path, mutant: Mutant, left_out: list[str]) -> tuple[int, str]:
+    """Run ``mutant``'s tests on a mutated copy of ``pristine`` and print the verdict; returns (pytest exit, killer)."""
+    tree = pristine.parent / "mutant"
+    shutil.copytree(pristine, tree, symlinks=False, ignore=shutil.ignore_patterns(".mutation-path"))
+    (tree / ".mutation-path").mkdir()
+    for package, folder in PACKAGES.items():
+        (tree / ".mutation-path" / package).symlink_to(tree / folder, target_is_directory=True)
+    apply(tree, mutant)
+    started = time.monotonic()
+    proc = run_tests(tree, mutant.tests, first_failure=True, deselect=left_out)
+    verdict = "killed" if proc.returncode == 1 else "SURVIVED" if proc.returncode == 0 else \
+        f"ERROR (pytest exit {proc.returncode})"
+    by = next(iter(failed_nodes(proc)), "")
+    print(f"{verdict:9} {time.monotonic() - started:5.1f}s  {mutant.name}" + (f"  (by {by})" if by else ""),
+          flush=True)
+    if proc.returncode not in (0, 1):
+        print(proc.stdout[-1500:] + proc.stderr[-1500:])
+    shutil.rmtree(tree)
+    return proc.returncode, by
 
 
 def check_imports(tree: Path) -> None:
@@ -339,30 +369,24 @@ def main(argv: list[str] | None = None) -> int:
         check_imports(pristine)
         stale = [m for m in chosen if occurrences(pristine, m) != m.count]
         live = [m for m in chosen if m not in stale]
-        failing = baseline_failures(pristine, tuple(dict.fromkeys(t for m in live for t in m.tests)))
-        if failing is None:
-            return 1
-        survivors = []
-        for mutant in live:
-            tree = Path(tmp) / "mutant"
-            shutil.copytree(pristine, tree, symlinks=False, ignore=shutil.ignore_patterns(".mutation-path"))
-            (tree / ".mutation-path").mkdir()
-            for package, folder in PACKAGES.items():
-                (tree / ".mutation-path" / package).symlink_to(tree / folder, target_is_directory=True)
-            apply(tree, mutant)
-            started = time.monotonic()
-            proc = run_tests(tree, mutant.tests, first_failure=True, deselect=failing)
-            verdict = "killed" if proc.returncode == 1 else "SURVIVED" if proc.returncode == 0 else \
-                f"ERROR (pytest exit {proc.returncode})"
-            by = next((line[len("FAILED "):].split(" - ")[0] for line in proc.stdout.splitlines()
-                       if line.startswith("FAILED ")), "")
-            print(f"{verdict:9} {time.monotonic() - started:5.1f}s  {mutant.name}" + (f"  (by {by})" if by else ""),
-                  flush=True)
-            if proc.returncode != 1:
-                survivors.append(mutant)
-                if proc.returncode != 0:
-                    print(proc.stdout[-1500:] + proc.stderr[-1500:])
-            shutil.rmtree(tree)
+        results = {mutant.name: run_mutant(pristine, mutant, []) for mutant in live}
+        left_out: list[str] = []
+        checked: set[str] = set()
+        while True:  # a kill counts only if the killing test passes unmutated
+            unchecked = sorted({by for code, by in results.values() if code == 1 and by and by not in checked})
+            if not unchecked:
+                break
+            failing = pristine_failures(pristine, unchecked)
+            if failing is None:
+                return 1
+            checked.update(unchecked)
+            for node in sorted(failing):
+                print(f"WARNING   fails without a mutant, left out: {node}")
+            left_out += sorted(failing)
+            for mutant in live:
+                if results[mutant.name][0] == 1 and results[mutant.name][1] in failing:
+                    results[mutant.name] = run_mutant(pristine, mutant, left_out)
+        survivors = [mutant for mutant in live if results[mutant.name][0] != 1]
     for mutant in stale:
         print(f"STALE     {mutant.name}: {mutant.old!r} occurs {occurrences(ROOT, mutant)} times in "
               f"{', '.join(mutant.where)}, expected {mutant.count}; rewrite the mutant")
