@@ -159,12 +159,19 @@ def plot(result_json: str, out: str, fig_format: str, **figure_options) -> None:
 @click.argument("prefix")
 @click.argument("pattern", required=False)
 def list_models(prefix: str, pattern: str | None) -> None:
-    """List the models a loader can build, e.g. hpa list-models timm 'vgg*'."""
+    """List the models a loader can build, e.g. hpa list-models timm 'vgg*'.
+
+    A loader that knows each architecture's paper init (cifar) shows it beside the name:
+    what 'hpa train --arch PREFIX:NAME' initialises with unless --init says otherwise.
+    """
     import hpa
+    from hpa.plugins import registries
 
     names = hpa.list_models(prefix, pattern)
+    scheme = registries()["loaders"].get(prefix).init_scheme
+    width = max(map(len, names), default=0) + 2
     for name in names:
-        click.echo(name)
+        click.echo(name if scheme is None else f"{name:<{width}}init={scheme(name)}")
     if not names:
         import re
 
@@ -188,8 +195,9 @@ def plugins(as_json: bool) -> None:
         return
     for plugin in described:
         status = f"ERROR: {plugin['error']}" if "error" in plugin else ", ".join(plugin["hooks"])
-        version = plugin["version"] or "-"
-        click.echo(f"{plugin['name']:<16} {version:<10} {status}")
+        # the installed distribution and its version, as pip names them (what the user installed)
+        installed = " ".join(filter(None, (plugin["distribution"], plugin["version"]))) or "-"
+        click.echo(f"{plugin['name']:<16} {installed:<22} {status}")
         for kind in ("loaders", "statistics", "experiments"):
             for entry in plugin.get(kind, []):
                 click.echo("\n".join(_registered_lines(entry)))
@@ -287,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="hpa", standalone_mode=False)
     except HpaError as exc:
         _fail(exc)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        stopped = exc.__cause__
+        if isinstance(stopped, KeyboardInterrupt) and str(stopped):  # hpa train's line on how to continue
+            click.echo(str(stopped), err=True)
+            sys.exit(130)
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as exc:  # one line, like every hpa error, with where to look
@@ -347,7 +359,14 @@ def _register_plugin_commands() -> None:
 @click.option("--step-epochs", type=int, help="Recipe: epochs between step decays.")
 @click.option("--step-factor", type=float, help="Recipe: learning-rate factor at each step.")
 @click.option("--gamma", type=float, help="Recipe: per-epoch factor of the exponential schedule.")
-@click.option("--init", help="Recipe: kaiming_normal or default (the module's own).")
+@click.option("--init", help="Recipe: the init scheme, one of kaiming_normal, kaiming_conv, normal, "
+              "xavier_uniform, xavier_normal, default ('hpa experiments' defines each).  [default: the "
+              "architecture's own, as its paper's code; 'hpa list-models cifar' shows it]")
+@click.option("--init-std", type=float, help="Recipe: the std of every weight under --init normal.  [default: 0.01]")
+@click.option("--pixels", help="Recipe: the network's input: dataset (the task's channel mean and std; CIFAR, "
+              "MNIST: the 2020 authors' constants), symmetric ([-1, 1], the 2020 paper's wording), unit "
+              "([0, 1], Fig. 21's CIFAR10+) or standardised (the training split's own mean and std).  "
+              "[default: dataset]")
 @click.option("--shift", type=int, help="Recipe: random shifts of up to ±N pixels (0: none).")
 @click.option("--flip/--no-flip", default=None, help="Recipe: random horizontal flips.")
 @click.option("--validation", type=float, help="Recipe: held-out fraction of the training set.")
@@ -356,14 +375,20 @@ def _register_plugin_commands() -> None:
 @click.option("--label-noise", type=float, metavar="P", help="Noise: corrupt each training label with probability "
               "P (validation and test labels stay clean).  [default: 0]")
 @click.option("--label-noise-mode", metavar="MODE", help="Noise: uniform (redrawn over all classes, Zhang et al. "
-              "2017) or wrong (always another class).  [default: uniform]")
+              "2017) or wrong (always another class, as the code of Gamba et al. 2020 Fig. 6).  [default: uniform]")
 @click.option("--random-labels", is_flag=True, default=None, help="Noise: the same as --label-noise 1.")
-@click.option("--shuffle-pixels", is_flag=True, default=None,
-              help="Noise: one fixed permutation of pixel positions for every image of every split.")
-@click.option("--random-pixels", is_flag=True, default=None,
-              help="Noise: an independent fixed permutation of pixel positions for each image.")
-@click.option("--gaussian-images", is_flag=True, default=None, help="Noise: every image replaced by Gaussian "
-              "noise with the training set's per-channel mean and std.")
+@click.option("--shuffle-pixels", is_flag=True, default=None, help="Noise: one fixed permutation of pixel "
+              "positions, the same for every image (Zhang et al. 2017's 'shuffled pixels').")
+@click.option("--random-pixels", is_flag=True, default=None, help="Noise: an independent fixed permutation of "
+              "pixel positions for each image (Gamba et al. 2020 Fig. 20; Zhang et al.'s 'random pixels').")
+@click.option("--gaussian-images", is_flag=True, default=None, help="Noise: images replaced by Gaussian noise "
+              "with the training images' per-channel mean and std (Zhang et al. 2017's 'Gaussian').")
+@click.option("--pixel-noise-splits", type=click.Choice(["train", "all"]), default=None, help="Noise: the pixel "
+              "noise reaches the images trained on (Fig. 20) or all splits, validation and test too (Zhang et "
+              "al. 2017).  [default: train]")
+@click.option("--pixel-noise-order", type=click.Choice(["augment_then_permute", "permute_then_augment"]),
+              default=None, help="Noise: permute each augmented training image (the authors' code) or the "
+              "stored images once, before augmentation.  [default: augment_then_permute]")
 @click.option("--noise-seed", type=int, help="Noise: seed of the corruption.  [default: the run's --seed]")
 @click.option("--stat", "statistics", multiple=True,
               help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
@@ -395,7 +420,9 @@ def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
 
     if nproc is not None and nproc > 1 and not launched():
         if seeds is not None:
-            raise HpaError("--nproc trains one run at a time; give --seed N instead of --seeds")
+            from hpa.experiments.seeds import ONE_PROCESS
+
+            raise HpaError(ONE_PROCESS)
         from hpa.experiments.run import RunDir
 
         # The usual mistakes, refused here in one line rather than by every rank under torchrun.
@@ -449,7 +476,7 @@ def analyse_run(run_dir: str, statistics, quiet: bool) -> None:
 def experiments(as_json: bool) -> None:
     """List the training tasks with their dataset, default architecture and recipe, and the named recipes."""
     from hpa.experiments.train import describe_tasks
-    from hpa.experiments.types import NAMED_RECIPES
+    from hpa.experiments.types import INIT_SCHEMES, NAMED_RECIPES, PIXELS
 
     described = describe_tasks()
     if as_json:
@@ -458,9 +485,15 @@ def experiments(as_json: bool) -> None:
     for task in described:
         click.echo(f"{task['name']:<14} --arch {task['architecture']:<18} {task['description']}")
         click.echo("    recipe: " + " ".join(f"{k}={v}" for k, v in task["recipe"].items()))
-    click.echo("named recipes (hpa train --recipe NAME; recipe flags override their fields):")
+    click.echo("named recipes (hpa train --recipe NAME; recipe flags override their fields; docs/reproducing.md):")
     for named in NAMED_RECIPES.values():
-        click.echo(f"  {named.name:<14} {named.description}")
+        click.echo(f"  {named.name:<22} {named.description}")
+    click.echo("init schemes (--init; default: the architecture's own, hpa list-models cifar):")
+    for name, meaning in INIT_SCHEMES.items():
+        click.echo(f"  {name:<22} {meaning}")
+    click.echo("pixel representations (--pixels):")
+    for name, meaning in PIXELS.items():
+        click.echo(f"  {name:<22} {meaning}")
 
 
 @cli.command()

@@ -169,6 +169,9 @@ class Loader:
     # Builds the trainable torch.nn.Module that ``load`` traces: (name, options) -> module.
     # ``load`` is then trace(build(...)); experiments train what build returns.
     build: Callable[[str, LoadOptions], Any] | None = None
+    # name -> the init scheme its paper's code used (hpa.experiments.types.INIT_SCHEMES), the
+    # default of 'hpa train --arch PREFIX:NAME'; None: every model keeps its own ("default").
+    init_scheme: Callable[[str], str] | None = None
 
 
 @dataclass

@@ -156,7 +156,8 @@ def test_gaussian_images_of_uint8_data_are_float32_in_the_unit_scale():
     rng = np.random.default_rng(6)
     train = np.stack([rng.integers(0, 100, (3000, 6, 6)), rng.integers(100, 256, (3000, 6, 6))], 1).astype(np.uint8)
     test = rng.integers(0, 256, (1500, 2, 6, 6)).astype(np.uint8)
-    out = noise.corrupt_dataset(_dataset(train, test), Noise(gaussian_images=True), np.arange(3000), seed=1)
+    everywhere = Noise(gaussian_images=True, pixel_noise_splits="all")
+    out = noise.corrupt_dataset(_dataset(train, test), everywhere, np.arange(3000), seed=1)
     unit = train.astype(np.float64) / 255  # the scale the trainer normalises from
     mean, std = unit.mean(axis=(0, 2, 3)), unit.std(axis=(0, 2, 3))
     for images in (out.dataset.train_images, out.dataset.test_images):

@@ -69,7 +69,8 @@ def test_label_noise_is_recorded_and_only_training_labels_are_corrupted(run_hpa,
     assert proc.returncode == 0, proc.stderr
     saved = record(run)
     assert saved["config"]["noise"] == {"label_noise": 0.5, "label_noise_mode": "uniform", "shuffle_pixels": False,
-                                        "random_pixels": False, "gaussian_images": False, "noise_seed": None}
+                                        "random_pixels": False, "gaussian_images": False, "noise_seed": None,
+                                        "pixel_noise_splits": "train", "pixel_noise_order": "augment_then_permute"}
     report = saved["noise"]
     n = saved["split"]["n_train"]
     assert report["n_train_labels"] == n and report["seed"] == 0  # the noise seed defaults to the run seed
@@ -113,8 +114,8 @@ def test_shuffle_pixels_reaches_the_test_images(run_hpa, tmp_path):
     from hpa.experiments.noise import shuffle_pixels
 
     run = tmp_path / "shuffled"
-    proc = run_hpa("train", "--plugin", "digits", "--shuffle-pixels", "--noise-seed", "5", "--epochs", "4",
-                   "--stat", "none", "--device", "cpu", "--quiet", "--out", run)
+    proc = run_hpa("train", "--plugin", "digits", "--shuffle-pixels", "--pixel-noise-splits", "all", "--noise-seed",
+                   "5", "--epochs", "4", "--stat", "none", "--device", "cpu", "--quiet", "--out", run)
     assert proc.returncode == 0, proc.stderr
     saved = record(run)
     assert saved["config"]["noise"]["shuffle_pixels"] is True and saved["noise"]["pixels"] == "one permutation"
@@ -131,9 +132,13 @@ def test_shuffle_pixels_reaches_the_test_images(run_hpa, tmp_path):
 def test_gaussian_images_record_the_training_set_moments(tmp_path):
     from hpa.experiments.train import train
 
+    from hpa.experiments.data import stratified_split
+
     folder = train("digits", out=tmp_path / "g", epochs=1, statistics=["none"], device="cpu", gaussian_images=True)
     report = record(folder)["noise"]
-    images = digits().train_images.astype(np.float64)
+    data = digits()
+    train_index, _ = stratified_split(data.train_labels, 0.1, 0)  # the moments of the images trained on
+    images = data.train_images[train_index].astype(np.float64)
     assert report["pixels"] == "gaussian"
     assert report["gaussian_mean"] == pytest.approx([images.mean()], rel=1e-6)
     assert report["gaussian_std"] == pytest.approx([images.std()], rel=1e-6)

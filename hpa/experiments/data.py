@@ -68,9 +68,12 @@ class DeviceData:
     """
 
     def __init__(self, dataset: Dataset, recipe: Recipe, seed: int, device: torch.device,
-                 shard: tuple[int, int] | None = None, train_labels: np.ndarray | None = None) -> None:
+                 shard: tuple[int, int] | None = None, train_labels: np.ndarray | None = None,
+                 train_orders: np.ndarray | None = None) -> None:
         # train_labels (label noise): the labels to train on, aligned with dataset.train_labels.  The
         # split is drawn from the stored labels, so validation keeps them and the split never moves.
+        # train_orders (pixel noise after augmentation, hpa.experiments.noise.NoisyData): one pixel order
+        # for every training image, or one per stored training image.
         train_idx, val_idx = stratified_split(dataset.train_labels, recipe.validation, seed)
         self.device = device
         self.shard = shard
@@ -81,6 +84,10 @@ class DeviceData:
         else:  # host tensors: a rank's epoch shard is gathered from them (see train_batches)
             self.train = Split(torch.from_numpy(np.ascontiguousarray(images)),
                                torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        self.orders = None
+        if train_orders is not None:
+            rows = train_orders if train_orders.ndim == 1 else train_orders[train_idx]
+            self.orders = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
         self.validation = self._split(dataset.train_images[val_idx], dataset.train_labels[val_idx])
         self.test = self._split(dataset.test_images, dataset.test_labels)
         self.scale = 1 / 255 if dataset.train_images.dtype == np.uint8 else 1.0
@@ -94,7 +101,22 @@ class DeviceData:
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw stored pixels -> the network's input: scale to [0, 1], subtract mean, divide by std."""
-        return (raw.float() * self.scale - self.mean) / self.std
+        return self.standardise(raw.float() * self.scale)
+
+    def standardise(self, unit: torch.Tensor) -> torch.Tensor:
+        """Pixels in the [0, 1] scale -> the network's input (the run's per-channel mean and std)."""
+        return (unit - self.mean) / self.std
+
+    def permute_pixels(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The pixel noise that follows augmentation: training images ``index`` with their fixed orders."""
+        if self.orders is None:
+            return images
+        batch, channels = images.shape[:2]
+        flat = images.reshape(batch, channels, -1)
+        if self.orders.ndim == 1:
+            return flat[:, :, self.orders.long()].reshape(images.shape)
+        order = self.orders[index.to(self.orders.device)].long()
+        return flat.gather(2, order[:, None, :].expand(-1, channels, -1)).reshape(images.shape)
 
     def batch_order(self, seed: int, epoch: int, batch_size: int, device=None) -> list[torch.Tensor]:
         """The epoch's global training batches as index tensors on ``device`` (default: the data's).
@@ -108,7 +130,7 @@ class DeviceData:
         """Yield ``Batch``es of this process's part of every global batch of ``epoch``, on the device."""
         if self.shard is None:
             for index in self.batch_order(seed, epoch, batch_size):
-                yield Batch(self.train.images[index], self.train.labels[index], len(index), slice(None))
+                yield Batch(self.train.images[index], self.train.labels[index], len(index), slice(None), index)
             return
         rank, world = self.shard
         order = self.batch_order(seed, epoch, batch_size, device="cpu")
@@ -121,7 +143,7 @@ class DeviceData:
         for index, part in zip(order, parts):
             offsets = _part_bounds(len(index), world, rank)
             yield Batch(images[start:start + len(part)], labels[start:start + len(part)], len(index),
-                        slice(*offsets))
+                        slice(*offsets), part)
             start += len(part)
 
 
@@ -133,6 +155,7 @@ class Batch:
     labels: torch.Tensor
     total: int  # rows of the global batch (all processes together)
     part: slice  # which rows of the global batch these are (for the augmentation draws)
+    index: torch.Tensor  # the rows' positions in the training split (for per-image pixel noise)
 
 
 def _part_bounds(length: int, world: int, rank: int) -> tuple[int, int]:

@@ -114,8 +114,9 @@ def train_one_epoch(model, optimizer, data: DeviceData, recipe: Recipe, seed: in
     for batch in data.train_batches(seed, epoch, recipe.batch_size):
         # Every process draws the global batch's augmentation and keeps its rows.
         draws = [d[batch.part] for d in augment_draws(batch.total, recipe.shift, recipe.flip, augment_gen)]
+        # The stored pixels in [0, 1]; shifted and flipped; then the pixel noise that follows augmentation.
         raw = shift_and_flip(batch.images.float() * data.scale, recipe.shift, draws)
-        inputs = ((raw - data.mean) / data.std).contiguous(memory_format=fmt)
+        inputs = data.standardise(data.permute_pixels(raw, batch.index)).contiguous(memory_format=fmt)
         optimizer.zero_grad(set_to_none=True)
         with precision_mode(precision, data.device):
             logits = model(inputs)

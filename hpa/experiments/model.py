@@ -7,6 +7,7 @@ thread, and the per-snapshot statistics on that thread or in a separate process.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -14,12 +15,13 @@ from torch import nn
 
 from hpa.errors import HpaError, OptionError
 from hpa.experiments.data import generator, stream_seed
-from hpa.experiments.types import Dataset
+from hpa.experiments.types import INIT_SCHEMES, Dataset
 from hpa.registry import LoadOptions
 
 
-def build_model(arch: str, dataset: Dataset, seed: int, init: str, task: str):
-    """(module, traced ConvGraph) for ``arch`` sized for ``dataset``; refuses an architecture that does not fit."""
+def build_model(arch: str, dataset: Dataset, seed: int, init: str, task: str, init_std: float = 0.01):
+    """(module, traced ConvGraph) for ``arch`` sized for ``dataset``, initialised by the scheme ``init``
+    (types.INIT_SCHEMES); refuses an architecture that does not fit."""
     from hpa.plugins import registries
     from hpa.registry import parse_spec
 
@@ -39,24 +41,51 @@ def build_model(arch: str, dataset: Dataset, seed: int, init: str, task: str):
     except OptionError as exc:  # the builder's own size checks
         shown = "x".join(map(str, size))
         raise OptionError(f"--arch {arch} does not fit the {task} task's {shown} images ({exc})") from None
-    if init == "kaiming_normal":
-        kaiming_normal_init(model, seed)
+    initialise(model, init, seed, init_std)
     return model, _trace_fitting(model, arch, dataset, task)
 
 
-def kaiming_normal_init(model: nn.Module, seed: int) -> None:
-    """Seed 004 §3.1: Kaiming-normal weights (variance 2 / fan-out) and zero biases for every conv and linear."""
-    from hpa.nn import ChannelReLUConv2d
+def initialise(model: nn.Module, scheme: str, seed: int, std: float = 0.01) -> None:
+    """Draw every conv and linear weight of ``model`` by ``scheme`` (types.INIT_SCHEMES); zero their biases.
 
+    The draws come from the run's "init" stream in module order, so a seed always gives the same
+    weights.  "default" leaves the module as its constructor initialised it.
+    """
+    if scheme == "default":
+        return
     draws = generator(seed, "init")
-    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ChannelReLUConv2d)
+    kinds = _convs() + (nn.Linear,)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, kinds):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=draws)
+                _draw(module.weight, scheme, isinstance(module, nn.Linear), std, draws)
                 for name in ("bias", "out_bias"):
                     if getattr(module, name, None) is not None:
                         nn.init.zeros_(getattr(module, name))
+
+
+def _convs() -> tuple[type, ...]:
+    from hpa.nn import ChannelReLUConv2d  # hpa.nn registers a tracer converter: loaded when first needed
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, ChannelReLUConv2d)
+
+
+_RELU_GAIN = math.sqrt(2.0)
+
+
+def _draw(weight: torch.Tensor, scheme: str, linear: bool, std: float, draws: torch.Generator) -> None:
+    if scheme == "kaiming_normal" or (scheme == "kaiming_conv" and not linear):
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu", generator=draws)
+    elif scheme == "kaiming_conv":
+        nn.init.normal_(weight, 0.0, 0.01, generator=draws)
+    elif scheme == "normal":
+        nn.init.normal_(weight, 0.0, std, generator=draws)
+    elif scheme == "xavier_uniform":
+        nn.init.xavier_uniform_(weight, gain=_RELU_GAIN, generator=draws)
+    elif scheme == "xavier_normal":
+        nn.init.xavier_normal_(weight, gain=_RELU_GAIN, generator=draws)
+    else:
+        raise OptionError(f"--init {scheme!r} is unknown; choose from {', '.join(INIT_SCHEMES)}")
 
 
 def _trace_fitting(model: nn.Module, arch: str, dataset: Dataset, task: str):

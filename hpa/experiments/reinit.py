@@ -49,8 +49,9 @@ class _Subject:
     structure: Any  # ConvGraph of the architecture (Layer.params: the state keys of each layer)
     dataset: Any  # hpa.experiments.Dataset
     task: str
-    init: str  # "kaiming_normal" or "default": how --rerandomize draws a layer
+    init: str  # the run's init scheme (types.INIT_SCHEMES): how --rerandomize draws a layer
     checkpoints: dict[int, Path | dict] = field(default_factory=dict)  # epoch -> snapshot file or state
+    init_std: float = 0.01  # the std of init "normal"
 
 
 @dataclass
@@ -87,7 +88,8 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
                           "checkpoint); leave out one of them")
     progress = progress or (lambda line: None)
     device = _device(device)
-    subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device)
+    subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device,
+                         epochs=[] if rerandomize else epochs)
     rows, trained, n_l = [], {}, {}
     with torch.no_grad():  # not inference_mode: --rerandomize initialises copies of modules in place
         for make_subject in subjects:  # one model in memory at a time
@@ -131,81 +133,93 @@ def result_folder(run_or_spec, out) -> Path:
         if not Path(run_or_spec).expanduser().is_dir():
             raise OptionError(f"{run_or_spec} is not a folder, so there is no default result folder; give an "
                               "'hpa train' run folder, or a spec with --weights FILE --plugin TASK --out DIR")
+        _run_readers(Path(run_or_spec).expanduser())  # a folder that is no run: refused before the probe below
         out = Path(run_or_spec).expanduser() / "reinit"
     return check_output_dir(out)
 
 
 # -- the subjects: run folders or a spec ---------------------------------------------------------
 
-def _subjects(run_or_spec, *, weights, plugin, data, seed, device) -> list[Callable[[], _Subject]]:
-    """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time."""
+def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None) -> list[Callable[[], _Subject]]:
+    """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time.
+
+    A run folder's files are all checked here, before any model is built or any progress shown.
+    """
     path = Path(run_or_spec).expanduser()
     if path.is_dir():
         if weights is not None or plugin is not None:
             raise OptionError(f"{path} is a run folder: its task and snapshots are recorded; leave out "
                               "--weights and --plugin")
-        return [partial(_subject_from_run, folder, device, data) for folder in _run_folders(path)]
+        return [partial(_subject_from_run, folder, device, data) for folder in _run_folders(path, epochs)]
     if plugin is None:
         raise OptionError(f"{run_or_spec} is neither a run folder nor usable without a task; give an "
                           "'hpa train' run folder, or a spec with --weights FILE --plugin TASK")
     return [partial(_subject_from_spec, str(run_or_spec), weights, plugin, data, seed, device)]
 
 
-def _run_folders(path: Path) -> list[Path]:
-    from hpa.experiments.run import RUN_JSON
-    from hpa.experiments.seeds import SEEDS_JSON, is_multi_seed
+def _run_readers(path: Path) -> list:
+    """The checked reader (open_run.RunFolder) of each run in ``path``: the run, or each seed of a --seeds folder."""
+    from hpa.experiments.layout import RUN_JSON, seed_folder
+    from hpa.experiments.open_run import RunFolder, read_seeds
 
-    if is_multi_seed(path):
-        seeds = json.loads((path / SEEDS_JSON).read_text())["seeds"]
-        missing = [f"seed-{s}" for s in seeds if not (path / f"seed-{s}" / RUN_JSON).is_file()]
+    seeds = read_seeds(path)
+    if seeds is not None:
+        missing = [f"seed-{s}" for s in seeds if not (seed_folder(path, s) / RUN_JSON).is_file()]
         if missing:  # refused rather than left out of the mean silently
             raise ReinitError(f"{path} lists {', '.join(missing)} but holds no run there; finish them with "
                               f"'hpa train --resume {path}', or give one seed-N folder")
-        return [path / f"seed-{s}" for s in seeds]
-    if not (path / RUN_JSON).is_file():
+        return [RunFolder.open(seed_folder(path, s), resume_target=path) for s in seeds]
+    if not (path / RUN_JSON).exists() and not RunFolder(path).holds_run_files():
         raise ReinitError(f"{path} is not an hpa run folder (no {RUN_JSON}); give the --out folder of "
                           "'hpa train', or a spec with --weights FILE --plugin TASK")
-    return [path]
+    return [RunFolder.open(path)]
 
 
-def _saved_epochs(folder: Path) -> dict[int, Path]:
-    from hpa.experiments.run import SNAPSHOTS
-
-    found = {}
-    for snapshot in sorted((folder / SNAPSHOTS).glob("epoch-*.safetensors")):
-        number = snapshot.name[len("epoch-"):-len(".safetensors")]
-        if number.isdigit():
-            found[int(number)] = snapshot
-    return found
+def _run_folders(path: Path, epochs: list[int] | None = None) -> list[Path]:
+    """The run folders of ``path``, with the snapshots the sweep reads checked: those of ``epochs``
+    (None: every saved one) and the last (the trained model)."""
+    readers = _run_readers(path)
+    for reader in readers:
+        saved = reader.snapshot_epochs()
+        if not any(file.exists() for file in reader.snapshots().values()):
+            lost = f", though its metrics.jsonl records {len(saved)}; restore them from a backup" if saved else (
+                "; train with 'hpa train' until at least one epoch is saved")
+            raise ReinitError(f"{reader.path} holds no snapshots (snapshots/epoch-NNN.safetensors){lost}")
+        for epoch in epochs or []:
+            if epoch not in saved:
+                raise ReinitError(f"epoch {epoch} was not saved in {reader.path}; the saved epochs are "
+                                  f"{', '.join(map(str, saved))}")
+        for epoch in sorted(set(saved if epochs is None else epochs) | {max(saved)}):
+            reader.check_snapshot(epoch)  # missing or damaged: one line naming the file and the fix
+    return [reader.path for reader in readers]
 
 
 def _subject_from_run(folder: Path, device, data) -> _Subject:
     from hpa.experiments.model import build_model
-    from hpa.experiments.run import RunDir
-    from hpa.experiments.train import get_task
+    from hpa.experiments.open_run import RunFolder
+    from hpa.experiments.train import config_from_record, get_task
 
-    record = RunDir.open(folder).read_record()
-    saved = _saved_epochs(folder)
-    if len(saved) < 1:
-        raise ReinitError(f"{folder} holds no snapshots (snapshots/epoch-NNN.safetensors); train with "
-                          "'hpa train' until at least one epoch is saved")
+    reader = RunFolder.open(folder)  # checked by _run_folders, as are the snapshots
+    record = reader.record()
+    saved = reader.snapshots()
     config = record["config"]
     task = get_task(config["task"])
     data = data if data is not None else record.get("data_dir")
     dataset = _as_trained(task.dataset(None if data is None else Path(data), False), record)
-    model, structure = build_model(config["arch"], dataset, config["seed"], config["recipe"]["init"], task.name)
+    recipe = config_from_record(record).recipe
+    model, structure = build_model(config["arch"], dataset, config["seed"], recipe.init, task.name, recipe.init_std)
     final = max(saved)
     _load_state(model, _read_snapshot(saved[final]), saved[final])
     return _Subject(label=folder.name if folder.name.startswith("seed-") else f"seed-{config['seed']}",
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
-                    task=task.name, init=config["recipe"]["init"], checkpoints=dict(saved))
+                    task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=dict(saved))
 
 
 def _as_trained(dataset, record: dict):
     """The dataset as the run saw it (its recorded noise applied); only the test split's pixels matter here."""
-    from hpa.experiments.train import config_from_record, corrupted_dataset
+    from hpa.experiments.train import config_from_record, dataset_as_trained
 
-    return corrupted_dataset(dataset, config_from_record(record)).dataset
+    return dataset_as_trained(dataset, config_from_record(record)).dataset
 
 
 def _subject_from_spec(spec: str, weights, plugin: str, data, seed: int, device) -> _Subject:
@@ -252,7 +266,8 @@ def _read_snapshot(path: Path) -> dict:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a damaged header or body
-        raise LoadError(f"{path} is unreadable ({type(exc).__name__}); the snapshot is damaged") from None
+        raise LoadError(f"{path} is unreadable ({type(exc).__name__}); the snapshot is damaged: restore it from a "
+                        "backup, or leave its epoch out with --epochs") from None
 
 
 def _load_state(model, state: dict, path) -> None:
@@ -348,7 +363,7 @@ class _Sweep:
         seed = int(np.random.SeedSequence([self.subject.seed, self.draw_seed, index, draw]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):  # the module's own initialiser draws from the global RNG
             torch.manual_seed(seed)
-            _initialise(owner, self.subject.init, seed)
+            _initialise(owner, self.subject.init, seed, self.subject.init_std)
         own = owner.state_dict()
         fresh = {}
         for role, key in keys.items():
@@ -391,12 +406,12 @@ class _Sweep:
         return {layer.name: rows.get(layer.name) for layer in self.layers}
 
 
-def _initialise(module, init: str, seed: int) -> None:
-    """What the trainer did to this layer at epoch 0 (recipe ``init``), else the module's own initialiser."""
-    if init == "kaiming_normal":
-        from hpa.experiments.model import kaiming_normal_init
+def _initialise(module, init: str, seed: int, std: float) -> None:
+    """What the trainer did to this layer at epoch 0 (recipe ``init``); "default": its own reset_parameters()."""
+    if init != "default":
+        from hpa.experiments.model import initialise
 
-        kaiming_normal_init(module, seed)
+        initialise(module, init, seed, std)
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
     else:

@@ -23,14 +23,27 @@ from typing import Any, Callable
 from hpa.errors import HpaError, OptionError
 from hpa.experiments.distributed import is_lead
 from hpa.experiments.run import RunDir, snapshot_name
-from hpa.experiments.types import (DEFAULT_RECIPE, INITS, NAMED_RECIPES, SCHEDULES, Noise, Recipe, Task, check_noise,
-                                   named_recipe, noise_fields, noise_from_flags, recipe_fields)
+from hpa.experiments.types import (DEFAULT_RECIPE, INIT_SCHEMES, NAMED_RECIPES, PIXELS, SCHEDULES, Noise, Recipe, Task,
+                                   check_noise, named_recipe, noise_fields, noise_from_flags, recipe_fields)
 
 FORMAT = 1  # of run.json
 
 
 class TrainingError(HpaError):
     """Training stopped: the loss became NaN or Inf.  Finished epochs are kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C: the finished epochs are kept and run.json says "interrupted".
+
+    A KeyboardInterrupt still (so that nothing catches it as an error); its message is the one
+    line that says how to continue, which the CLI prints before exiting with status 130.
+    """
+
+    @classmethod
+    def of(cls, folder: Path) -> TrainingInterrupted:
+        return cls(f"Stopped by Ctrl-C; the finished epochs are kept in {folder}: continue with "
+                   f"'hpa train --resume {folder}'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +79,32 @@ def list_tasks() -> list[Task]:
 
 
 def describe_tasks() -> list[dict[str, Any]]:
-    """Every task: name, description, default architecture, input size, classes, recipe and named recipes."""
+    """Every task: name, description, default architecture, input size, classes, recipe and named recipes.
+
+    ``recipe.init`` is resolved for the task's default architecture (what ``hpa train --plugin NAME``
+    would record); ``recipe_noise`` holds the noise fields of the named recipes that set any.
+    """
+    def resolved(recipe: Recipe, architecture: str) -> dict[str, Any]:
+        return dataclasses.replace(recipe, init=recipe.init or architecture_init(architecture)).to_dict()
+
     return [{"name": task.name, "description": task.description, "architecture": task.architecture,
              "input_size": None if task.input_size is None else list(task.input_size),
-             "num_classes": task.num_classes, "recipe": task.recipe.to_dict(),
-             "recipes": {name: dataclasses.replace(task.recipe, **named.changes).to_dict()
-                         for name, named in NAMED_RECIPES.items()}} for task in list_tasks()]
+             "num_classes": task.num_classes, "recipe": resolved(task.recipe, task.architecture),
+             "recipes": {name: resolved(dataclasses.replace(task.recipe, **named.changes), task.architecture)
+                         for name, named in NAMED_RECIPES.items()},
+             "recipe_noise": {name: dict(named.noise) for name, named in NAMED_RECIPES.items() if named.noise}}
+            for task in list_tasks()]
+
+
+def architecture_init(arch: str) -> str:
+    """The init scheme ``arch``'s paper code used (its loader's ``init_scheme``), else "default"."""
+    from hpa.plugins import registries
+    from hpa.registry import parse_spec
+
+    loaders = registries()["loaders"]
+    parsed = parse_spec(arch, loaders)
+    loader = loaders.get(parsed.prefix)
+    return loader.init_scheme(parsed.name) if loader.init_scheme is not None else "default"
 
 
 def get_task(name: str) -> Task:
@@ -112,10 +145,12 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
     if resume is not None:
         if out is not None:
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
-        run = RunDir.open(resume)
+        run = RunDir.open(resume)  # run.json checked: damaged, it is refused in one line
         record = run.read_record()
         config = config_from_record(record)
         _refuse_differences(config, given)
+        if is_lead():
+            run.metrics()  # checked before the (possibly slow) data loading: nothing else holds its losses
         data = record.get("data_dir") if data is None else data
     else:
         if task is None or out is None:
@@ -139,7 +174,10 @@ def _new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
     named = named_recipe(given.get("recipe_name") or DEFAULT_RECIPE)
     changes = {k: given[k] for k in recipe_fields() if given.get(k) is not None}
     recipe = dataclasses.replace(task.recipe, **{**named.changes, **changes})
-    noise = Noise(**{k: given[k] for k in noise_fields() if given.get(k) is not None})
+    arch = given["arch"] or task.architecture
+    if recipe.init is None:  # the architecture's own scheme, resolved now so that run.json names it
+        recipe = dataclasses.replace(recipe, init=architecture_init(arch))
+    noise = Noise(**{**named.noise, **{k: given[k] for k in noise_fields() if given.get(k) is not None}})
     check_noise(noise)
     _check_recipe(recipe)
     every = given["snapshot_every"] if given["snapshot_every"] is not None else 1
@@ -151,7 +189,7 @@ def _new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
     precision = given["precision"] or "fp32"
     _check_precision(precision, device)
     cpu_threads = _cpu_threads(given.get("cpu_threads"), device)
-    return TrainConfig(task=task.name, arch=given["arch"] or task.architecture,
+    return TrainConfig(task=task.name, arch=arch,
                        seed=int(given["seed"] or 0), recipe=recipe, snapshot_every=int(every),
                        device=device, statistics=statistics, precision=precision,
                        compiled=bool(given["compiled"]), recipe_name=named.name, noise=noise,
@@ -204,12 +242,16 @@ def _check_recipe(recipe: Recipe) -> None:
             raise OptionError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(recipe, name)}")
     if recipe.schedule not in SCHEDULES:
         raise OptionError(f"--schedule {recipe.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
-    if recipe.init not in INITS:
-        raise OptionError(f"--init {recipe.init!r} is unknown; choose from {', '.join(INITS)}")
+    if recipe.init not in INIT_SCHEMES:
+        raise OptionError(f"--init {recipe.init!r} is unknown; choose from {', '.join(INIT_SCHEMES)}")
+    if not recipe.init_std > 0 or not math.isfinite(recipe.init_std):
+        raise OptionError(f"--init-std must be a positive number, not {recipe.init_std}")
     if not 0 <= recipe.validation < 1:
         raise OptionError(f"--validation must be a fraction in [0, 1), not {recipe.validation}")
     if recipe.shift < 0:
         raise OptionError(f"--shift must be zero or a positive number of pixels, not {recipe.shift}")
+    if recipe.pixels not in PIXELS:
+        raise OptionError(f"--pixels {recipe.pixels!r} is unknown; choose from {', '.join(PIXELS)}")
 
 
 def resolve_device(device: str | None) -> str:
@@ -228,15 +270,28 @@ def resolve_device(device: str | None) -> str:
 
 
 def config_from_record(record: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a run.json records."""
+    """The TrainConfig a run.json records (a run recorded by an older hpa keeps what it trained with)."""
     saved = record["config"]
-    return TrainConfig(task=saved["task"], arch=saved["arch"], seed=saved["seed"], recipe=Recipe(**saved["recipe"]),
+    return TrainConfig(task=saved["task"], arch=saved["arch"], seed=saved["seed"],
+                       recipe=Recipe(**{**_older_recipe(record), **saved["recipe"]}),
                        snapshot_every=saved["snapshot_every"], device=saved["device"],
                        statistics=tuple(saved.get("statistics", ())), precision=saved.get("precision", "fp32"),
                        compiled=bool(saved.get("compiled", False)),
-                       recipe_name=saved.get("recipe_name", DEFAULT_RECIPE), noise=Noise(**saved.get("noise", {})),
+                       recipe_name=saved.get("recipe_name", DEFAULT_RECIPE),
+                       noise=Noise(**{**_OLDER_NOISE, **saved.get("noise", {})}),
                        # runs recorded before the option trained CPU runs on one thread
                        cpu_threads=saved.get("cpu_threads", 1 if str(saved["device"]).startswith("cpu") else None))
+
+
+# Runs recorded before these fields existed corrupted pixels on every split, before augmentation,
+# and normalised with the dataset's declared mean and std (all tasks declared 0.5: [-1, 1]).
+_OLDER_NOISE = {"pixel_noise_splits": "all", "pixel_noise_order": "permute_then_augment"}
+
+
+def _older_recipe(record: dict[str, Any]) -> dict[str, Any]:
+    recorded = record.get("normalisation", {})
+    symmetric = set(recorded.get("mean", [0.5])) == {0.5} and set(recorded.get("std", [0.5])) == {0.5}
+    return {"pixels": "symmetric" if symmetric else "dataset"}
 
 
 def _refuse_differences(config: TrainConfig, given: dict[str, Any]) -> None:
@@ -261,19 +316,44 @@ def _command_line() -> str:
     return shlex.join([sys.executable, *sys.argv])
 
 
-def corrupted_dataset(dataset, config: TrainConfig):
-    """``dataset`` as ``config`` trains on it: its noise applied once, before augmentation.
+def dataset_as_trained(dataset, config: TrainConfig):
+    """``dataset`` as ``config`` trains on it: its noise applied, its normalisation resolved.
 
-    Returns :class:`hpa.experiments.noise.NoisyData`.  Labels are corrupted on the training
-    part of the seeded validation split only; pixels on every split.  Deterministic, so a
-    resumed run (or ``hpa reinit``) rebuilds exactly the data the run saw.
+    Returns :class:`hpa.experiments.noise.NoisyData`, whose dataset's ``mean`` and ``std`` are
+    the per-channel values the network's input is normalised with (``recipe.pixels``).  Labels are
+    corrupted on the training part of the seeded validation split only; pixels as ``config.noise``
+    says.  Deterministic, so a resumed run (or ``hpa reinit``) rebuilds exactly the data the run saw.
     """
     from hpa.experiments.data import stratified_split
     from hpa.experiments.noise import corrupt_dataset
 
     train_index, _ = stratified_split(dataset.train_labels, config.recipe.validation, config.seed)
     seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed
-    return corrupt_dataset(dataset, config.noise, train_index, seed)
+    noisy = corrupt_dataset(dataset, config.noise, train_index, seed)
+    mean, std = pixel_normalisation(dataset, config.recipe.pixels, train_index)
+    return dataclasses.replace(noisy, dataset=dataclasses.replace(noisy.dataset, mean=mean, std=std))
+
+
+def pixel_normalisation(dataset, pixels: str, train_index) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, in the [0, 1] scale of the stored pixels, for ``pixels`` (types.PIXELS).
+
+    "standardised" measures the stored images of the training part (the validation images are
+    held out of it); the clean images, so a corruption that keeps the channel moments keeps them.
+    """
+    if pixels == "symmetric":
+        return (0.5,), (0.5,)
+    if pixels == "unit":
+        return (0.0,), (1.0,)
+    if pixels == "dataset":
+        return tuple(map(float, dataset.mean)), tuple(map(float, dataset.std))
+    from hpa.experiments.noise import channel_moments
+
+    scale = 1 / 255 if dataset.train_images.dtype.name == "uint8" else 1.0
+    mean, std = channel_moments(dataset.train_images[train_index])
+    if not all(value > 0 for value in std):
+        raise OptionError("--pixels standardised needs pixels that vary in every channel, but a channel of the "
+                          "training images is constant; choose --pixels symmetric or unit")
+    return tuple(float(m * scale) for m in mean), tuple(float(v * scale) for v in std)
 
 
 # -- the trainer ----------------------------------------------------------------------------
@@ -294,10 +374,11 @@ class _Trainer:
         self.writer = BackgroundWriter()
         task = get_task(config.task)
         self.data_dir = None if data is None else str(Path(data).expanduser())
-        noisy = corrupted_dataset(task.dataset(None if data is None else Path(self.data_dir), download), config)
+        noisy = dataset_as_trained(task.dataset(None if data is None else Path(self.data_dir), download), config)
         self.dataset, self.train_labels, self.noise_report = noisy.dataset, noisy.train_labels, noisy.report
+        self.train_orders = noisy.train_orders
         self.model, self.structure = build_model(config.arch, self.dataset, config.seed, config.recipe.init,
-                                                 task.name)
+                                                 task.name, config.recipe.init_std)
         self.model.to(self.device, memory_format=memory_format(self.device, config.precision))
         self.optimizer = make_optimizer(self.model, config.recipe, self.device)
         # The compiled module shares the parameters; snapshots read the plain one (no _orig_mod. keys).
@@ -321,15 +402,23 @@ class _Trainer:
         if record.get("dataset") != self.dataset.source:
             raise OptionError(f"the dataset differs from the one {run.path} was trained on (files or checksums "
                               "changed); resume with the same --data")
-        state, note = run.resume_state() if self.lead else (None, None)  # a damaged file: the last good epoch
+        state, note, repair = None, None, None
+        if self.lead:  # every file checked, and what can be made again planned, before anything is written
+            reader = run.reader()
+            state, note = run.resume_state(reader, self.config.recipe.epochs)  # unusable: the last good epoch
+            repair = run.plan_repair(reader, state, self.model.state_dict())  # the model is still epoch 0's
         if self.world is not None:  # rank 0's state, so every rank starts from the same bytes
             state = self.world.broadcast(state)
-        if note:
-            _warn(note)
         self.model.load_state_dict(state["model"])
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         done = int(state["epoch"])
+        if self.lead:
+            from hpa.experiments.model import graph_record
+
+            if note:
+                _warn(note)
+            repair.apply(graph_record(self.structure, self.config.arch), self.structure, self.model)
         self.statistics = self._statistics(run)
         self.record.update(status="running", resumed=record.get("resumed", []) + [{"from_epoch": done,
                                                                                     "command": command}])
@@ -360,7 +449,7 @@ class _Trainer:
 
         shard = None if self.world is None else (self.world.rank, self.world.size)
         data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device, shard=shard,
-                          train_labels=self.train_labels)
+                          train_labels=self.train_labels, train_orders=self.train_orders)
         devices = [self.device] if self.device.type == "cuda" else []
         deterministic = torch.are_deterministic_algorithms_enabled()
         threads = torch.get_num_threads()
@@ -379,6 +468,9 @@ class _Trainer:
             self._close_writer_after(exc)
             if isinstance(exc, TrainingError):
                 self._finish("failed", str(exc))
+            elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C: the finished epochs are written, say so
+                self._finish("interrupted")
+                raise TrainingInterrupted.of(self.run.path) from None
             raise
         finally:
             torch.use_deterministic_algorithms(deterministic)
@@ -478,7 +570,8 @@ class _Trainer:
             "dataset": self.dataset.source,
             "split": self._split_sizes(),
             "noise": self.noise_report,
-            "normalisation": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
+            "normalisation": {"pixels": self.config.recipe.pixels, "mean": list(self.dataset.mean),
+                              "std": list(self.dataset.std)},
             "versions": _versions(),
             "host": {"platform": f"{platform.system()}-{platform.machine()}", "python": platform.python_version(),
                      "threads": self.config.cpu_threads or _threads(),

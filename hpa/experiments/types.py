@@ -15,7 +15,31 @@ if TYPE_CHECKING:  # numpy stays off the import path of 'hpa --help' and 'hpa pl
     import numpy as np
 
 SCHEDULES = ("constant", "step", "exponential")
-INITS = ("kaiming_normal", "default")
+
+#: Initialisation schemes (``--init``), each defined in one line; hpa.experiments.model draws them.
+#: Every scheme but "default" sets all biases to zero, as both papers' code did.
+INIT_SCHEMES = {
+    "kaiming_normal": "every conv and linear weight Kaiming-normal, fan-out (std sqrt(2 / fan_out)); "
+                      "the literal sentence of Gamba et al. 2020 §3.1",
+    "kaiming_conv": "convs Kaiming-normal fan-out, linears N(0, 0.01): torchvision's VGG init, which the "
+                    "authors' code used for the published VGG figures",
+    "normal": "every conv and linear weight N(0, init_std^2) (Fig. 15: N(0, 0.01), a VGG-19 that fails to learn)",
+    "xavier_uniform": "every conv and linear weight Xavier-uniform with the ReLU gain sqrt(2): the authors' "
+                      "LeNet (2020 code)",
+    "xavier_normal": "every conv and linear weight Xavier-normal with the ReLU gain sqrt(2): the default of "
+                     "the 2019 cone paper's code",
+    "default": "the module's own initialisation (PyTorch's layer defaults, or its constructor's), seeded",
+}
+
+#: How stored pixels become the network's input (``--pixels``); the trainer resolves the per-channel
+#: mean and std once and records them in run.json's ``normalisation``.
+PIXELS = {
+    "dataset": "per channel with the mean and std the task declares (CIFAR and MNIST: the constants of the "
+               "2020 authors' code; a task that declares none: [-1, 1])",
+    "symmetric": "scaled to [-1, 1] (the wording of Gamba et al. 2020 A.7)",
+    "unit": "scaled to [0, 1] (Fig. 21's CIFAR10+, the authors' --unnormalize)",
+    "standardised": "per channel with the training split's own mean and std, computed once",
+}
 
 
 @dataclass(frozen=True)
@@ -27,8 +51,10 @@ class Dataset:
     test_images: np.ndarray  # (M, C, H, W), same dtype and layout as train_images
     test_labels: np.ndarray  # (M,) int64
     num_classes: int
-    mean: tuple[float, ...] = (0.5,)  # per channel (or one for all), after scaling to [0, 1]
-    std: tuple[float, ...] = (0.5,)  # (0.5, 0.5): pixels in [-1, 1], as Gamba et al. 2020 A.7 trains
+    # The task's per-channel normalisation (or one value for all channels), after scaling to [0, 1]: what
+    # recipe pixels "dataset" uses.  The default (0.5, 0.5) gives pixels in [-1, 1].
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
     source: dict[str, Any] = field(default_factory=dict)  # files and checksums, copied into run.json
 
     @property
@@ -52,10 +78,12 @@ class Recipe:
     step_epochs: int = 25  # epochs between two step decays
     step_factor: float = 0.1  # multiplier at each step decay
     gamma: float = 10 ** (-1 / 25)  # exponential: lr * gamma**epoch (Gamba et al. 2020 A.8 interpolates the step)
-    init: str = "kaiming_normal"  # "kaiming_normal" (fan-out, zero biases) | "default" (the module's own)
+    init: str | None = None  # INIT_SCHEMES name; None: the architecture's own (hpa list-models cifar shows it)
+    init_std: float = 0.01  # the standard deviation of every weight under init "normal"
     shift: int = 4  # random shifts of up to ±shift pixels, zero-padded; 0: none
     flip: bool = True  # random horizontal flips
     validation: float = 0.1  # stratified fraction of the training set held out, seeded
+    pixels: str = "dataset"  # PIXELS name: how stored pixels are scaled and centred for the network
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch`` (the first epoch trains at ``lr``)."""
@@ -90,22 +118,30 @@ class Task:
 
 LABEL_NOISE_MODES = ("uniform", "wrong")
 _PIXEL_NOISE = ("shuffle_pixels", "random_pixels", "gaussian_images")
+PIXEL_NOISE_SPLITS = ("train", "all")
+PIXEL_NOISE_ORDERS = ("augment_then_permute", "permute_then_augment")
 
 
 @dataclass(frozen=True)
 class Noise:
-    """How ``hpa train`` corrupts the stored dataset (Gamba et al. 2020 Fig. 6, A.6; Zhang et al. 2017).
+    """How ``hpa train`` corrupts the data (Gamba et al. 2020 Figs. 6 and 20; Zhang et al. 2017).
 
     Every field is a ``hpa train`` flag and a key of run.json's ``config.noise``.  Labels are
-    corrupted on the training part only (after the validation split); pixels on every split.
+    corrupted on the training part only (after the validation split).  Pixels are corrupted on
+    the images trained on, after their augmentation, as the authors' code did; ``pixel_noise_splits``
+    and ``pixel_noise_order`` choose otherwise.
     """
 
     label_noise: float = 0.0  # probability that a training label is corrupted
-    label_noise_mode: str = "uniform"  # "uniform": redrawn over all classes | "wrong": always another class
-    shuffle_pixels: bool = False  # one fixed permutation of pixel positions for every image of every split
-    random_pixels: bool = False  # an independent fixed permutation per image
+    label_noise_mode: str = "uniform"  # "uniform": redrawn over all classes (Zhang et al. 2017) | "wrong":
+    #                                    always another class, (y + U{1..C-1}) mod C (the authors' code)
+    shuffle_pixels: bool = False  # one fixed permutation of pixel positions, the same for every image
+    random_pixels: bool = False  # an independent fixed permutation per image (Fig. 20; Zhang et al.)
     gaussian_images: bool = False  # images replaced by Gaussian noise with the training set's channel moments
     noise_seed: int | None = None  # seed of every corruption; None: the run seed
+    pixel_noise_splits: str = "train"  # "train": the images trained on (Fig. 20) | "all": validation and test too
+    pixel_noise_order: str = "augment_then_permute"  # permutations after the shift and flip (the authors'
+    #                                                   code) | "permute_then_augment": the stored images once
 
     @property
     def pixel_corruption(self) -> str | None:
@@ -146,23 +182,60 @@ def check_noise(noise: Noise) -> None:
     if len(chosen) > 1:
         flags = " and ".join("--" + name.replace("_", "-") for name in chosen)
         raise OptionError(f"{flags} each replace the pixels; give only one of them")
+    for name, allowed in (("pixel_noise_splits", PIXEL_NOISE_SPLITS), ("pixel_noise_order", PIXEL_NOISE_ORDERS)):
+        if getattr(noise, name) not in allowed:
+            raise OptionError(f"--{name.replace('_', '-')} {getattr(noise, name)!r} is unknown; choose from "
+                              f"{', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
 class NamedRecipe:
-    """A recipe with a name (``hpa train --recipe NAME``): fields that replace the task's defaults."""
+    """A recipe with a name (``hpa train --recipe NAME``): fields that replace the task's defaults.
+
+    docs/reproducing.md says which figure of which paper each one reproduces.
+    """
 
     name: str
     description: str  # one line for 'hpa experiments'
     changes: dict[str, Any]  # Recipe fields; explicit flags override them in turn
+    noise: dict[str, Any] = field(default_factory=dict)  # Noise fields, likewise
 
+
+# Gamba et al. 2020 A.1: "decayed by a factor of 10^(-1/25)" every epoch, interpolating the step schedule.
+_SMOOTH = {"schedule": "exponential", "gamma": 10 ** (-1 / 25)}
+# Fig. 6 and Fig. 20 follow Zhang et al. 2017: lr 0.01 decayed by 0.95 every epoch.
+_ZHANG = {"lr": 0.01, "schedule": "exponential", "gamma": 0.95}
+_NO_REGULARISATION = {"shift": 0, "flip": False, "weight_decay": 0.0}
 
 NAMED_RECIPES = {recipe.name: recipe for recipe in (
-    NamedRecipe("paper", "the task's own defaults (Gamba et al. 2020 §3.1, appendix A.1)", {}),
-    # Seed 004 Fig. 6 (random labels): no augmentation or weight decay would hide memorisation.
-    NamedRecipe("noisy-labels", "Gamba et al. 2020 Fig. 6: lr 0.01, exponential decay 0.95 per epoch, no augmentation, "
-                "no weight decay", {"lr": 0.01, "schedule": "exponential", "gamma": 0.95, "shift": 0,
-                                    "flip": False, "weight_decay": 0.0}),
+    NamedRecipe("paper", "the task's own defaults: Gamba et al. 2020 §3.1 and A.1 as the authors' code ran them "
+                "(step decay ÷10 every 25 epochs, the architecture's own init)", {}),
+    NamedRecipe("exponential", "Gamba et al. 2020 A.8: the smooth schedule, lr × 10^(-1/25) every epoch "
+                "(Figs. 16, 17, 21, 22 right, 24)", dict(_SMOOTH)),
+    NamedRecipe("random-labels", "Gamba et al. 2020 Fig. 6 as its code made it: every training label replaced by "
+                "another class ((y + U{1..C-1}) mod C, never the true one), lr 0.01 × 0.95 per epoch, no "
+                "augmentation, no weight decay", {**_ZHANG, **_NO_REGULARISATION},
+                {"label_noise": 1.0, "label_noise_mode": "wrong"}),
+    NamedRecipe("random-labels-uniform", "Fig. 6 as its text says (Zhang et al. 2017): every training label "
+                "redrawn uniformly over all classes, so about 1/C stay correct; otherwise as random-labels",
+                {**_ZHANG, **_NO_REGULARISATION}, {"label_noise": 1.0, "label_noise_mode": "uniform"}),
+    NamedRecipe("noisy-labels", "the Fig. 6 training without the labels' corruption (choose it with "
+                "--label-noise P): lr 0.01 × 0.95 per epoch, no augmentation, no weight decay",
+                {**_ZHANG, **_NO_REGULARISATION}),
+    NamedRecipe("pixel-shuffle", "Gamba et al. 2020 Fig. 20: each training image's pixels shuffled by its own "
+                "fixed permutation after augmentation, lr 0.01 × 0.95 per epoch", dict(_ZHANG),
+                {"random_pixels": True}),
+    NamedRecipe("failing-init", "Gamba et al. 2020 Fig. 15: every weight drawn from N(0, 0.01), a VGG-19 that "
+                "fails to learn", {"init": "normal", "init_std": 0.01}),
+    NamedRecipe("unit-pixels", "Gamba et al. 2020 Fig. 21's CIFAR10+: pixels in [0, 1], the smooth schedule",
+                {**_SMOOTH, "pixels": "unit"}),
+    NamedRecipe("paper-text", "Gamba et al. 2020 §3.1 and A.7 read literally: Kaiming-normal for every layer, "
+                "pixels in [-1, 1] (not what the figures were made with: see docs/reproducing.md)",
+                {"init": "kaiming_normal", "pixels": "symmetric"}),
+    NamedRecipe("cones-2019", "the defaults of Gamba et al. 2019's code: lr 0.1, batches of 100, 75 epochs, "
+                "÷10 every 20, Xavier-normal init, pixels standardised with the training split's statistics",
+                {"lr": 0.1, "batch_size": 100, "epochs": 75, "step_epochs": 20, "step_factor": 0.1,
+                 "init": "xavier_normal", "pixels": "standardised"}),
 )}
 DEFAULT_RECIPE = "paper"
 

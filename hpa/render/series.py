@@ -4,7 +4,10 @@ Generic curves live here: the training curves (loss and accuracy rescaled by
 their maximum, as Gamba et al. 2020 draws them) and any per-layer column of
 ``series.csv`` with early and late layers in separate panels.  Each curve is
 one seed's values, or over several seeds their mean with a ±1 std band
-(Gamba et al. 2020 Fig. 7).  The learning-rate decays are marked on every panel.
+(Gamba et al. 2020 Fig. 7).  As the paper draws them (A.1), the step decays of
+the learning rate are red ticks on the epoch axis of every panel; a smooth
+schedule has none, and the caption names the schedule.  Runs longer than
+``MARKERS_UP_TO`` epochs are drawn as lines without a marker at every epoch.
 
 Figures of one statistic come from its ``Statistic.plot_series``, which
 receives a :class:`RunSeries` and draws with the helpers below, so a
@@ -22,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from hpa.render import style
 
 PANEL_HEIGHT = 1.9  # inches, one row of panels
+MARKERS_UP_TO = 40  # epochs; a longer run's markers would merge into a string of dots
 # Per seed: (epochs, values) in epoch order.
 Curve = Mapping[int, tuple[list[int], list[float]]]
 
@@ -33,15 +37,25 @@ class RunSeries:
     rows: list[dict[str, Any]]  # series.csv rows: "seed", "epoch" (int), "layer", numbers as float or None
     metrics: list[dict[str, Any]]  # metrics.jsonl lines, each with its "seed"
     layers: tuple[str, ...]  # layer names in execution order (graph.json)
-    decay_epochs: tuple[int, ...]  # the last epoch trained before each learning-rate decay
+    decay_epochs: tuple[int, ...]  # the last epoch trained before each step decay (none for a smooth schedule)
     caption: str  # "digits · cifar:small_max · seed 0"
     statistics: tuple[str, ...]  # the statistics that ran on the snapshots
     # (seed, epoch, result dict) for every stats/epoch-NNN.json, for values that are not per layer
     results: Callable[[], Iterator[tuple[int, int, dict[str, Any]]]]
 
+    schedule: str = ""  # how the learning rate moved, for the caption: "step decay ÷10 every 25 epochs"
+
     @property
     def seeds(self) -> list[int]:
         return sorted({int(m["seed"]) for m in self.metrics} | {int(r["seed"]) for r in self.rows})
+
+    @property
+    def last_epoch(self) -> int:
+        return max([int(m["epoch"]) for m in self.metrics] + [int(r["epoch"]) for r in self.rows] + [0])
+
+    def line_style(self) -> dict[str, Any]:
+        """Markers at every epoch for short runs; plain lines past ``MARKERS_UP_TO`` epochs."""
+        return {"marker": "o", "markersize": 2.2} if self.last_epoch <= MARKERS_UP_TO else {}
 
     def layer_curves(self, column: str) -> dict[str, Curve]:
         """``column`` of series.csv per layer (execution order) and seed; layers without a value are left out."""
@@ -78,6 +92,16 @@ def decay_epochs(metrics: Iterable[Mapping[str, Any]]) -> tuple[int, ...]:
     return tuple(sorted(e - 1 for e in rates if e - 1 in rates and rates[e] < rates[e - 1]))
 
 
+def schedule_text(recipe: Mapping[str, Any]) -> str:
+    """The recipe's learning-rate schedule in a few words, for captions."""
+    lr = f"lr {recipe.get('lr'):g}"
+    if recipe.get("schedule") == "step":
+        return f"{lr}, step decay ×{recipe.get('step_factor'):g} every {recipe.get('step_epochs')} epochs"
+    if recipe.get("schedule") == "exponential":
+        return f"{lr}, exponential decay ×{recipe.get('gamma'):.4g} per epoch"
+    return f"{lr}, constant"
+
+
 # -- drawing helpers, for plot_series implementations ---------------------------------------
 
 def mean_std(curve: Curve) -> tuple[list[int], list[float], list[float]]:
@@ -103,10 +127,26 @@ def draw_curve(ax, curve: Curve, colour: str, label: str, **line) -> None:
                     color=colour, alpha=0.2, linewidth=0)
 
 
+def pixels_text(normalisation: Mapping[str, Any]) -> str:
+    """run.json's ``normalisation`` in a few words, for captions ("" when not recorded)."""
+    mean, std = set(normalisation.get("mean", ())), set(normalisation.get("std", ()))
+    if mean == {0.5} and std == {0.5}:
+        return "pixels in [-1, 1]"
+    if mean == {0.0} and std == {1.0}:
+        return "pixels in [0, 1]"
+    if not mean:
+        return ""
+    whose = "training split's" if normalisation.get("pixels") == "standardised" else "task's"
+    return f"pixels standardised (the {whose} channel mean and std)"
+
+
 def mark_decays(ax, epochs: Sequence[int]) -> None:
-    """A thin dotted vertical line after each epoch that ended at a higher learning rate."""
-    for epoch in epochs:
-        ax.axvline(epoch, color="0.45", linewidth=0.6, linestyle=(0, (1, 2)), zorder=0)
+    """A red tick on the epoch axis at each epoch that ended a step of the learning rate (Gamba et al. 2020 A.1)."""
+    if not epochs:
+        return
+    ax.plot(list(epochs), [0.0] * len(epochs), linestyle="none", marker="|", markersize=7, markeredgewidth=1.4,
+            color=style.PALETTE["vermillion"], transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
+            label="_decay")
 
 
 def depth_colours(count: int) -> list[str]:
@@ -141,7 +181,9 @@ def seeds_note(series: RunSeries) -> str:
 
 
 def decay_note(series: RunSeries) -> str:
-    return "dotted: learning-rate decay" if series.decay_epochs else ""
+    """The schedule, and what the red ticks are when there are any."""
+    ticks = "red ticks: learning-rate decays" if series.decay_epochs else ""
+    return " · ".join(filter(None, (series.schedule, ticks)))
 
 
 # -- the generic figures ---------------------------------------------------------------------
@@ -163,7 +205,7 @@ def layer_figure(series: RunSeries, column: str, stem: Path, fmt: str, ylabel: s
             ax.axhline(reference, color="0.3", linewidth=0.7, linestyle=":")
         mark_decays(ax, series.decay_epochs)
         for name in chosen:
-            draw_curve(ax, curves[name], colours[name], style.short(name, 18), marker="o", markersize=2.2)
+            draw_curve(ax, curves[name], colours[name], style.short(name, 18), **series.line_style())
         ax.set_title(title)
         epoch_axis(ax)
         if limits is not None:
