@@ -18,35 +18,39 @@ from typing import TYPE_CHECKING, Any
 
 from hpa.errors import (
     HpaError,
+    HpaWarning,
     LoadError,
     NonFiniteWeightsError,
     OptionError,
     OutputError,
     PluginError,
+    ReinitError,
     SpecError,
+    TrainingError,
     UnsafeFileError,
     UnknownOptionError,
     UnsupportedModelError,
+    suggest,
 )
 from hpa.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvGraph", "Experiment", "HpaError", "Layer", "LoadError", "LoadOptions", "Loader", "ModuleConverter",
-    "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ScanResult", "Skipped", "SpecError",
-    "Statistic", "StatisticContext", "StatisticResult", "UnknownOptionError", "UnsafeFileError",
+    "ConvGraph", "Experiment", "HpaError", "HpaWarning", "Layer", "LoadError", "LoadOptions", "Loader", "ModuleConverter",
+    "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ReinitError", "ScanResult", "Skipped", "SpecError",
+    "Statistic", "StatisticContext", "StatisticResult", "TrainingError", "UnknownOptionError", "UnsafeFileError",
     "UnsupportedModelError", "__version__", "analyse", "check_model_file", "hookimpl", "list_experiments",
     "list_loaders", "list_models", "list_statistics", "load", "module_converters", "open_run", "parse_input_size", "rebind",
     "reinit",
-    "scan",
+    "scan", "suggest",
 ]
 
 _LAZY = {
     "ConvGraph": "hpa.graph", "Layer": "hpa.graph", "Skipped": "hpa.graph",
-    "Loader": "hpa.registry", "LoadOptions": "hpa.registry", "Statistic": "hpa.registry",
+    "Loader": "hpa.registry", "LoadOptions": "hpa.options", "Statistic": "hpa.registry",
     "StatisticContext": "hpa.registry", "StatisticResult": "hpa.registry", "Experiment": "hpa.registry",
-    "Option": "hpa.registry", "ModuleConverter": "hpa.registry",
+    "Option": "hpa.options", "ModuleConverter": "hpa.registry",
     "ScanResult": "hpa.result",
     "load": "hpa.api", "scan": "hpa.api", "analyse": "hpa.api", "list_loaders": "hpa.api",
     "list_statistics": "hpa.api", "list_experiments": "hpa.api", "list_models": "hpa.api",
@@ -67,8 +71,8 @@ if TYPE_CHECKING:
     from hpa.rebind import rebind
     from hpa.experiments.open_run import open_run
     from hpa.experiments.reinit import reinit
-    from hpa.registry import (Experiment, Loader, LoadOptions, ModuleConverter, Option, Statistic,
-                              StatisticContext, StatisticResult)
+    from hpa.options import LoadOptions, Option
+    from hpa.registry import Experiment, Loader, ModuleConverter, Statistic, StatisticContext, StatisticResult
     from hpa.result import ScanResult
 
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hpa.errors import OptionError, SpecError, UnsupportedModelError
+from hpa.errors import HpaWarning, LoadError, OptionError, SpecError, UnsupportedModelError
+from hpa.files import MANIFEST, atomic_directory
 from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS, ConvGraph
+from hpa.options import LoadOptions, Option, resolve_options, route_options
 from hpa.plugins import registries
-from hpa.registry import (Loader, LoadOptions, Option, Statistic, StatisticContext, match, parse_spec,
-                          resolve_options, route_options)
+from hpa.registry import Loader, Statistic, StatisticContext, match
+from hpa.result import FIGURE_SUFFIXES, ScanResult
+from hpa.specs import parse_spec
 
 # The named keywords of each entry point, offered as "did you mean" targets for a misspelt one.
 _LOAD_KEYWORDS = ("weights", "input_size", "fold_bn", "trust_pickle", "seed")
@@ -86,8 +91,6 @@ def analyse(graph: ConvGraph, *, init: Any = None, statistics: Iterable[str] | s
     can show results early.  Statistics that fill the layer table (``columns``) run
     first; the result keeps the statistics in their usual order.
     """
-    from hpa.result import ScanResult
-
     if not isinstance(graph, ConvGraph):
         raise OptionError(f"analyse takes a ConvGraph, not a {type(graph).__name__}; "
                           "use hpa.load first, or hpa.scan for both steps")
@@ -234,8 +237,6 @@ def _split_scan_options(loader: Loader | None, chosen: list[Statistic],
 
 
 def _warn_unused(given: Mapping[str, Any], chosen: list[Statistic], not_run: Mapping[str, str]) -> None:
-    from hpa.plugins import HpaWarning
-
     for stat in chosen:
         unused = sorted(set(given) & set(_declared(stat.options)))
         if stat.name in not_run and unused:
@@ -402,3 +403,57 @@ def _is_torch_module(obj: Any) -> bool:
 def _progress(progress, what: str, done: int, total: int) -> None:
     if progress is not None:
         progress(what, done, total)
+
+
+# -- reading a result back --------------------------------------------------------------------
+
+def read_result(path: str | os.PathLike, statistics: Iterable[Statistic] = ()) -> ScanResult:
+    """The ScanResult saved in ``path`` (a result.json, or the folder holding one).
+
+    Rendered by ``statistics`` (Statistic plugins) and, for the others it holds, the installed ones.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "result.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoadError(f"result file {path} does not exist; give the result.json that hpa scan --out wrote") \
+            from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoadError(f"cannot read result file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    given = {stat.name: stat for stat in statistics}
+    result = ScanResult.from_json(text, given.values())
+    installed = registries()["statistics"]
+    found = {name: installed.get(name) for name in result.statistics if name not in given and name in installed}
+    result.statistic_plugins = {**found, **given}
+    return result
+
+
+def redraw(path: str | os.PathLike, out: str | os.PathLike, format: str = "png",
+           **figure_options: Any) -> list[Path]:
+    """Redraw the figures of the result in ``path`` into the folder ``out``; returns the figures.
+
+    ``out`` follows the rules of ``hpa scan --out`` (hpa.files): it is replaced as a
+    whole, atomically, and only when it is new, empty or holds nothing but what hpa
+    wrote.  The files it held besides figures (result.json, CSVs) are kept, so a
+    result folder can be redrawn in place.
+    """
+    result = read_result(path)
+    result._check_layer_pattern(figure_options.get("layers"))  # fail before touching ``out``
+    with atomic_directory(out) as staging:
+        _keep_non_figures(Path(out), staging, skip=(MANIFEST,))
+        files = result.plot(staging, format, **figure_options)
+    return [Path(out) / f.relative_to(staging) for f in files]
+
+
+def _keep_non_figures(source: Path, staging: Path, skip: tuple[str, ...]) -> None:
+    """Copy what ``source`` holds (hpa's own files, checked by atomic_directory) except its figures."""
+    if not source.is_dir():
+        return
+    for entry in source.rglob("*"):
+        relative = entry.relative_to(source)
+        if entry.is_dir() or relative.name in skip or entry.suffix.lower() in FIGURE_SUFFIXES:
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(entry, staging / relative)

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from hpa import __version__
-from hpa.errors import HpaError, NonFiniteWeightsError
+from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
 
 _EXIT_BAD_INPUT = 2
 
@@ -149,7 +149,7 @@ def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str,
 @_figure_options
 def plot(result_json: str, out: str, fig_format: str, **figure_options) -> None:
     """Redraw the figures of a saved RESULT_JSON (hpa scan --out or --json) without rescanning."""
-    from hpa.result import redraw
+    from hpa.api import redraw
 
     files = redraw(result_json, out, fig_format, **figure_options)
     click.echo(f"wrote {len(files)} figure files to {out}/: {', '.join(f.name for f in files)}")
@@ -174,8 +174,6 @@ def list_models(prefix: str, pattern: str | None) -> None:
         click.echo(name if scheme is None else f"{name:<{width}}init={scheme(name)}")
     if not names:
         import re
-
-        from hpa.registry import suggest
 
         literal = max(re.split(r"[*?\[\]]+", pattern or ""), key=len)  # the longest part without wildcards
         close = suggest(literal, hpa.list_models(prefix)) if len(literal) >= 3 else ""
@@ -219,7 +217,6 @@ def _registered_lines(entry: dict[str, Any]) -> list[str]:
 def _parse_extra(pairs) -> dict[str, str]:
     """``-o KEY=VALUE`` pairs as {key: the value string}; the core converts each value with the
     type its owner declares (hpa.registry.Option), so nothing is guessed here."""
-    from hpa.errors import OptionError
     from hpa.plugins import RESERVED_OPTIONS
 
     extra: dict[str, str] = {}
@@ -323,8 +320,6 @@ def _fail(exc: BaseException) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    from hpa.plugins import HpaWarning
-
     if issubclass(category, HpaWarning):
         click.echo(f"Warning: {message}", err=True)
     else:

@@ -7,6 +7,9 @@ line and exits with status 2; ``HPA_DEBUG=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class HpaError(Exception):
     """Base class: bad input or a request hpa cannot satisfy."""
@@ -50,3 +53,39 @@ class NonFiniteWeightsError(HpaError):
     Raised by the CLI after all output has been written, so that scripts notice
     a damaged checkpoint; the library reports the same facts per layer.
     """
+
+
+class TrainingError(HpaError):
+    """Training stopped: the loss became NaN or Inf.  Finished epochs are kept."""
+
+
+class ReinitError(HpaError):
+    """Bad input to ``hpa reinit``: nothing to reset, or nothing to evaluate on."""
+
+
+class HpaWarning(UserWarning):
+    """Warnings hpa emits about plugins and data (shown once, on stderr)."""
+
+
+# -- the "did you mean" every refusal of a name ends with --------------------------------
+
+def suggest(name: str, choices: Iterable[str], what: str = "") -> str:
+    """A '; did you mean ...?' tail for error messages, or '' when nothing is close.
+
+    Names that start with ``name`` come first (``vit_tiny`` -> ``vit_tiny_patch16_224``),
+    shortest first; then close spellings; then, for names of 4 or more characters,
+    names that contain it.
+    """
+    choices = list(choices)
+    lowered = name.lower()
+    close = sorted((c for c in choices if len(lowered) >= 2 and c.lower().startswith(lowered) and c != name),
+                   key=lambda c: (len(c), c))[:3]
+    if not close:
+        close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    if not close and len(lowered) >= 4:
+        close = [c for c in choices if lowered in c.lower()][:3]
+    if close:
+        return "; did you mean " + " or ".join(repr(what + c) for c in close) + "?"
+    if choices and len(choices) <= 12:
+        return "; choose from " + ", ".join(sorted(choices))
+    return ""

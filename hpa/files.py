@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from hpa.errors import LoadError, OutputError
+from hpa.errors import HpaWarning, LoadError, OutputError
 
 MANIFEST = ".hpa-manifest.json"  # inside every folder hpa writes: {"files": {relative path: {size, sha256}}}
 _MANIFEST_FORMAT = 1
@@ -346,8 +346,6 @@ def _discard_old(old: Path, target: Path, what: str) -> None:
         return
     kept = old.with_name(f"{target.name}.kept-{os.getpid()}")
     os.rename(old, kept)
-    from hpa.plugins import HpaWarning
-
     warnings.warn(f"{what} {target}: a file appeared in the old result during the write; "
                   f"the old folder is kept as {kept}", HpaWarning, stacklevel=3)
 
@@ -374,8 +372,6 @@ def _remove_stale_leftovers(target: Path) -> None:
         if state == "gone":
             _remove_tree(Path(entry.path))
         elif pid != os.getpid():  # this process's own are in use; another's stays, and the user hears of it
-            from hpa.plugins import HpaWarning
-
             owner = " (another user's)" if state == "foreign" else ""
             warnings.warn(f"kept {entry.path}: process {pid}{owner}, which wrote it, is still running; the next "
                           "write removes it once that process has ended, or delete it yourself if that "

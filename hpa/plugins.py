@@ -34,7 +34,7 @@ from typing import Any, Callable
 import pluggy
 
 from hpa import hookspecs
-from hpa.errors import PluginError
+from hpa.errors import HpaWarning, PluginError
 from hpa.registry import Experiment, Loader, ModuleConverter, Registry, Statistic
 
 GROUP = "hpa"
@@ -61,10 +61,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
 class PluginFailure:
     name: str
     error: str
-
-
-class HpaWarning(UserWarning):
-    """Warnings hpa emits about plugins and data (shown once, on stderr)."""
 
 
 class _State:

@@ -11,13 +11,12 @@ import csv
 import json
 import math
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hpa.errors import LoadError, OptionError
+from hpa.errors import HpaWarning, LoadError, OptionError, suggest
 from hpa.graph import ConvGraph, Layer, Skipped
 from hpa.registry import Statistic, StatisticResult
 
@@ -34,13 +33,8 @@ class ScanResult:
     not_run: dict[str, str] = field(default_factory=dict)  # statistics left out by default, and why
     # The Statistic plugins that computed ``statistics`` (name -> Statistic): their columns,
     # tables and figures render this result, whatever the plugin registry holds later.
-    # Left empty, it is filled from the registry when the result is made.
+    # hpa.scan and hpa.api.read_result fill it; a statistic missing here is not rendered.
     statistic_plugins: dict[str, Statistic] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        missing = [name for name in self.statistics if name not in self.statistic_plugins]
-        if missing:
-            self.statistic_plugins = {**_registered(missing), **self.statistic_plugins}
 
     # -- the JSON schema (documented in README.md) ---------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -78,8 +72,8 @@ class ScanResult:
     def from_dict(cls, data: Mapping[str, Any], statistics: Iterable[Statistic] = ()) -> "ScanResult":
         """The result ``to_dict`` described; its layers carry no weights (NaN placeholders).
 
-        ``statistics``: the Statistic plugins to render it with; others are taken from
-        the plugin registry.  Raises LoadError when ``data`` is not an hpa result.
+        ``statistics``: the Statistic plugins to render it with (:func:`hpa.api.read_result`
+        adds the installed ones).  Raises LoadError when ``data`` is not an hpa result.
         """
         _check_schema(data)
         graph = ConvGraph([Layer.from_attributes(entry) for entry in data["layers"]], source=_source(data["model"]))
@@ -172,7 +166,6 @@ class ScanResult:
         return written
 
     def _check_layer_pattern(self, pattern: str | None) -> None:
-        from hpa.registry import suggest
         from hpa.render.style import select
 
         names = [layer.name for layer in self.graph]
@@ -217,65 +210,10 @@ class ScanResult:
         return f"<table><caption>{escape(header_line(self))}</caption><tr>{head}</tr>{body}</table>"
 
 
-def read_result(path: str | os.PathLike, statistics: Iterable[Statistic] = ()) -> ScanResult:
-    """The ScanResult saved in ``path`` (a result.json, or the folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "result.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LoadError(f"result file {path} does not exist; give the result.json that hpa scan --out wrote") \
-            from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoadError(f"cannot read result file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return ScanResult.from_json(text, statistics)
-
-
-def redraw(path: str | os.PathLike, out: str | os.PathLike, format: str = "png",
-           **figure_options: Any) -> list[Path]:
-    """Redraw the figures of the result in ``path`` into the folder ``out``; returns the figures.
-
-    ``out`` follows the rules of ``hpa scan --out`` (hpa.files): it is replaced as a
-    whole, atomically, and only when it is new, empty or holds nothing but what hpa
-    wrote.  The files it held besides figures (result.json, CSVs) are kept, so a
-    result folder can be redrawn in place.
-    """
-    from hpa.files import MANIFEST, atomic_directory
-
-    result = read_result(path)
-    result._check_layer_pattern(figure_options.get("layers"))  # fail before touching ``out``
-    with atomic_directory(out) as staging:
-        _keep_non_figures(Path(out), staging, skip=(MANIFEST,))
-        files = result.plot(staging, format, **figure_options)
-    return [Path(out) / f.relative_to(staging) for f in files]
-
-
-def _keep_non_figures(source: Path, staging: Path, skip: tuple[str, ...]) -> None:
-    """Copy what ``source`` holds (hpa's own files, checked by atomic_directory) except its figures."""
-    if not source.is_dir():
-        return
-    for entry in source.rglob("*"):
-        relative = entry.relative_to(source)
-        if entry.is_dir() or relative.name in skip or entry.suffix.lower() in FIGURE_SUFFIXES:
-            continue
-        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(entry, staging / relative)
-
-
 # -- reading a result back --------------------------------------------------------------------
-
-def _registered(names: list[str]) -> dict[str, Statistic]:
-    from hpa.plugins import registries
-
-    registry = registries()["statistics"]
-    return {name: registry.get(name) for name in names if name in registry}
-
 
 def _warn_unrendered(names: list[str]) -> None:
     if names:
-        from hpa.plugins import HpaWarning
-
         warnings.warn(f"no figures for {', '.join(names)}: the plugin that computed it is not installed; "
                       "install it, or pass its Statistic to read_result", HpaWarning, stacklevel=3)
 

@@ -16,7 +16,12 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
+
+from hpa.errors import SpecError
+
+if TYPE_CHECKING:
+    from hpa.registry import Loader, Registry
 
 #: What ``torch.save`` wrote before the zip format: pickle protocol 2, then the
 #: pickled long 0x1950a86a20f9469cfc6c (torch's serialization magic number).
@@ -171,3 +176,24 @@ _CHECKS: tuple[tuple[str, Callable[[BinaryIO], bool]], ...] = (
     ("safetensors", _is_safetensors),
     ("onnx", _is_onnx),
 )
+
+
+def sniff_loader(path: str, loaders: Registry[Loader]) -> str:
+    """The prefix of the first loader whose ``sniff`` recognises the file's content."""
+    tried = []
+    for loader in loaders.items():
+        if loader.sniff is None:
+            continue
+        try:
+            if loader.sniff(Path(path)):
+                return loader.prefix
+        except Exception:  # a plugin's faulty check must not hide the other loaders
+            pass
+        what = (loader.sniff.__doc__ or "").strip().splitlines()
+        tried.append(f"{loader.prefix} ({what[0].rstrip('.')})" if what else loader.prefix)
+    known = ", ".join(sorted({s for l in loaders.items() for s in l.suffixes})) or "none"
+    raise SpecError(
+        f"{path} is not a model file hpa recognises: its suffix is none of {known}, and its content "
+        f"matches no loader (tried: {'; '.join(tried) or 'no loader can sniff'}); "
+        f"name its loader with a prefix (torch:PATH, onnx:PATH, ...) if it is in a format hpa reads"
+    )

@@ -38,9 +38,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from hpa.errors import OptionError, SpecError
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, Option, suggest
+from hpa import LoadOptions, Loader, Option, OptionError, SpecError, hookimpl, suggest
 
 PREFIX = "cifar"
 DEFAULT_INPUT = (3, 32, 32)

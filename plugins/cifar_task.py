@@ -23,9 +23,8 @@ import os
 import pickle
 from pathlib import Path
 
-from hpa.errors import LoadError
-from hpa.experiments.types import Dataset, Recipe, Task
-from hpa.hookspecs import hookimpl
+from hpa import LoadError, hookimpl
+from hpa.experiments import Dataset, Recipe, Task
 
 
 # The per-channel constants of the 2020 authors' code (magamba/hp_arrangements, data_loader.py), what

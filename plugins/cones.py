@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpa.graph import ELEMENTWISE, INPUT, ConvGraph, Layer, Skipped  # ELEMENTWISE: canonical op names
-from hpa.hookspecs import hookimpl
-from hpa.registry import Option, Statistic, StatisticContext, StatisticResult
+from hpa import Option, Statistic, StatisticContext, StatisticResult, hookimpl
 
 NAME = "cones"
 STATES = ("OUT_FULL_IN", "IN_FULL_OUT", "OUT_PARTIAL_IN", "IN_PARTIAL_OUT")  # == hpa.cones.STATES

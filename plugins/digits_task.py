@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 
-from hpa.experiments.types import Dataset, Recipe, Task
-from hpa.hookspecs import hookimpl
+from hpa.experiments import Dataset, Recipe, Task
+from hpa import hookimpl
 
 TEST_SIZE = 0.25
 SPLIT_SEED = 0

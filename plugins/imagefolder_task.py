@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hpa.errors import LoadError
-from hpa.experiments.types import Dataset, Recipe, Task
-from hpa.hookspecs import hookimpl
+from hpa import LoadError, hookimpl
+from hpa.experiments import Dataset, Recipe, Task
 
 
 @hookimpl

@@ -5,9 +5,8 @@ The parsing lives in :mod:`hpa.backends.matconvnet`; this plugin only registers 
 
 from __future__ import annotations
 
-from hpa.hookspecs import hookimpl
+from hpa import LoadOptions, Loader, hookimpl
 from hpa import sniff
-from hpa.registry import Loader, LoadOptions
 
 
 @hookimpl

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hpa.errors import LoadError
-from hpa.experiments.types import Dataset, Recipe, Task
-from hpa.hookspecs import hookimpl
+from hpa import LoadError, hookimpl
+from hpa.experiments import Dataset, Recipe, Task
 
 # 28x28 digits: ±4-pixel shifts as on CIFAR; no flips (a mirrored digit is another symbol).
 _RECIPE = Recipe(flip=False)

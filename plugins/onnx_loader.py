@@ -10,9 +10,8 @@ imported only when a model is loaded, so ``hpa --help`` stays fast.
 
 from __future__ import annotations
 
-from hpa.hookspecs import hookimpl
+from hpa import LoadOptions, Loader, hookimpl
 from hpa import sniff
-from hpa.registry import Loader, LoadOptions
 
 
 def load(name: str, options: LoadOptions):

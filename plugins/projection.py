@@ -16,9 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpa.graph import ConvGraph, Layer, Skipped
-from hpa.hookspecs import hookimpl
-from hpa.registry import Statistic, StatisticContext, StatisticResult
+from hpa import ConvGraph, Layer, Skipped, Statistic, StatisticContext, StatisticResult, hookimpl
 
 NAME = "projection"
 _CHUNK_ELEMENTS = 1 << 18  # weights converted to float64 at a time (2 MB: stays in cache, bounds memory)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpa.errors import OptionError, SpecError
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions
+from hpa import LoadOptions, Loader, OptionError, SpecError, hookimpl
 
 PREFIX = "run"
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 
-from hpa.errors import LoadError, SpecError
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, Option, suggest
+from hpa import LoadError, LoadOptions, Loader, Option, SpecError, hookimpl, suggest
 
 PREFIX = "timm"
 # Keywords for timm.create_model (None: timm's default).

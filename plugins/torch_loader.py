@@ -9,8 +9,8 @@ suffix (``.jit``, ``.ptl``, ``.torchscript``, none).
 
 from __future__ import annotations
 
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, Option
+from hpa import LoadOptions, Loader, Option, OptionError, hookimpl
+from hpa.sniff import is_torch_file
 
 PREFIX = "torch"
 OPTIONS = (
@@ -23,8 +23,6 @@ OPTIONS = (
 
 def sniff(path) -> bool:
     """TorchScript or torch.save zip, legacy torch pickle, or safetensors"""
-    from hpa.sniff import is_torch_file
-
     return is_torch_file(path)
 
 
@@ -39,8 +37,6 @@ def load(path: str, options: LoadOptions):
     from hpa.backends.state_dict import graph_from_state_dict
     from hpa.backends.torch_files import read_checkpoint
     from hpa.backends.torch_trace import to_numpy, trace_module
-    from hpa.errors import OptionError
-
     checkpoint = read_checkpoint(path, options.trust_pickle, _option(options, "checkpoint_key"))
     source = {"file": str(path), "content": checkpoint.kind, "fold_bn": options.fold_bn}
     if checkpoint.key:
@@ -69,7 +65,6 @@ def _option(options: LoadOptions, name: str):
     value = options.extra.get(name, declared.default)
     if value is None or value == declared.default:
         return value
-    from hpa.errors import OptionError
 
     try:
         return declared.type(value)

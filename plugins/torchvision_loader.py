@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 
-from hpa.errors import LoadError, SpecError
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, Option, suggest
+from hpa import LoadError, LoadOptions, Loader, Option, OptionError, SpecError, hookimpl, suggest
 
 PREFIX = "torchvision"
 # Input sizes that differ from 3x224x224.
@@ -116,7 +114,6 @@ def _build(builder_fn, name: str, kwargs: dict):
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise
-        from hpa.errors import OptionError
 
         given = ", ".join(f"-o {key}" for key in kwargs)
         raise OptionError(f"torchvision:{name} does not take {given} ({exc}); drop the option") from None

@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hpa.errors import LoadError, OptionError, SpecError
-from hpa.hookspecs import hookimpl
-from hpa.registry import Loader, LoadOptions, suggest
+from hpa import LoadError, LoadOptions, Loader, OptionError, SpecError, hookimpl, suggest
 
 PREFIX = "zoo"
 

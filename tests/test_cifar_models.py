@@ -11,7 +11,7 @@ from torch import nn
 
 import hpa
 from conftest import assert_bad_input
-from hpa.registry import LoadOptions
+from hpa.options import LoadOptions
 
 NAMES = hpa.list_models("cifar")
 # conv layers each network runs, counted from its definition (torchvision's cfgs, seeds 000/001)

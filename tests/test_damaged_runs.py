@@ -31,6 +31,7 @@ import pytest
 
 import hpa
 from conftest import assert_bad_input, snapshot
+from hpa.errors import HpaWarning
 
 EPOCHS = 2
 FILES = ["run.json", "graph.json", "metrics.jsonl", "state/last.pt", "snapshots/epoch-000.safetensors",
@@ -143,8 +144,6 @@ def hpa_cli(*argv) -> subprocess.CompletedProcess:
 
 def _library(name: str, folder: Path, out: Path, seed: int | None) -> subprocess.CompletedProcess:
     """An ``hpa.open_run`` access as a process would end: its value, or the error's one line."""
-    from hpa.plugins import HpaWarning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -26,7 +26,7 @@ import omegaconf
 
 import hpa
 from conftest import assert_bad_input
-from hpa.plugins import HpaWarning
+from hpa.errors import HpaWarning
 
 
 

@@ -61,7 +61,7 @@ def test_graph_of_an_epoch_equals_a_fresh_trace_of_its_snapshot(run):
     from safetensors.torch import load_file as load_tensors
 
     from hpa.plugins import registries
-    from hpa.registry import LoadOptions
+    from hpa.options import LoadOptions
 
     loader = registries()["loaders"].get("cifar")
     module = loader.build("small_max", LoadOptions(weights="none", input_size=(1, 8, 8),

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import hpa
-from hpa.experiments.reinit import ReinitError, reinit
+from hpa.errors import ReinitError
+from hpa.experiments.reinit import reinit
 
 EPOCHS = 2
 
@@ -53,7 +54,7 @@ def _digits_test_split():
 def _fresh_small_max():
     """A new module of the run's architecture, built without hpa's reinit code."""
     from hpa.plugins import registries
-    from hpa.registry import LoadOptions
+    from hpa.options import LoadOptions
 
     cifar = registries()["loaders"].get("cifar")
     return cifar.build("small_max", LoadOptions(weights="none", input_size=(1, 8, 8),

@@ -120,7 +120,7 @@ class Hand:
 
             return get("digits_cnn").build()
         from hpa.plugins import registries
-        from hpa.registry import LoadOptions
+        from hpa.options import LoadOptions
 
         return registries()["loaders"].get("cifar").build(
             "small_stride", LoadOptions(weights="none", input_size=(3, 32, 32),

@@ -11,8 +11,9 @@ import pytest
 import hpa
 from hpa.errors import LoadError
 from hpa.graph import INPUT, ConvGraph, Layer
+from hpa.api import read_result
 from hpa.registry import Statistic, StatisticResult
-from hpa.result import ScanResult, read_result
+from hpa.result import ScanResult
 
 
 def _graph(seed: int = 0) -> ConvGraph:
@@ -44,7 +45,8 @@ def scanned() -> ScanResult:
     stats = [registries()["statistics"].get(n) for n in ("projection", "cones")]
     context = StatisticContext(options={"bins": 20, "skip_1x1": False, "with_linear": False}, init=init)
     return ScanResult(graph=graph, init=init, statistics={s.name: s.compute(graph, context) for s in stats},
-                      options={"bins": 20}, not_run={"other": "does not apply"})
+                      options={"bins": 20}, not_run={"other": "does not apply"},
+                      statistic_plugins={s.name: s for s in stats})
 
 
 def test_json_round_trip_is_exact(scanned):
@@ -78,7 +80,7 @@ def test_result_keys_only_grow(scanned):
 def test_result_written_before_statistic_extra_keys_still_renders(scanned, tmp_path):
     data = scanned.to_dict()
     del data["statistic_extra_keys"]  # as hpa wrote result.json before this key existed
-    again = ScanResult.from_dict(data)
+    again = ScanResult.from_dict(data, scanned.statistic_plugins.values())
     assert again.statistics["cones"].extra["pairs"] == data["pairs"]
     assert again.to_dict()["pairs"] == data["pairs"]
     names = {p.name for p in again.plot(tmp_path)}

@@ -33,8 +33,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from hpa.errors import LoadError, OptionError, UnsafeFileError
+from hpa.errors import HpaWarning, LoadError, OptionError, UnsafeFileError
 from hpa.files import check_model_file
+from hpa.sniff import detect
 
 #: Keys under which checkpoints commonly wrap their state_dict, in order of preference:
 #: the trained weights before their exponential moving average.
@@ -58,8 +59,6 @@ class Checkpoint:
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False, checkpoint_key: str | None = None) -> Checkpoint:
     """Read a torch file safely; ``checkpoint_key`` picks one of several weight sets."""
-    from hpa.sniff import detect
-
     path = check_model_file(path)
     content = detect(path)
     if path.suffix.lower() == ".safetensors" or content == "safetensors":
@@ -386,8 +385,6 @@ def _skipped_entries(obj: Mapping, path: Path, checkpoint: Checkpoint) -> dict[s
                               "pass --trust-pickle (trust_pickle=True)")
     skipped = {str(k): found for k, v in obj.items() if (found := _globals_in(v))}
     if skipped:
-        from hpa.plugins import HpaWarning
-
         entries = ", ".join(f"{k!r} ({_named(v)})" for k, v in skipped.items())
         warnings.warn(f"{path}: read the weights under {checkpoint.key!r} without running pickled code; skipped "
                       f"{entries}: objects of other packages, whose code hpa does not import "

@@ -24,6 +24,7 @@ from hpa.errors import LoadError
 from hpa.fold import fold_batchnorm
 from hpa.dataflow import predecessors
 from hpa.graph import ACTIVATIONS, INFERENCE_IDENTITIES, INPUT, ConvGraph, Layer, Skipped, unique_name
+from hpa.registry import ModuleConverter
 
 _LAYER_SIGNATURES = {
     "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -49,8 +50,6 @@ def register_module_converter(cls: type, converter: Callable[..., Layer]) -> Non
     plugins fill through the ``register_module_converters`` hook.
     """
     from hpa.plugins import register_module_converter as register
-    from hpa.registry import ModuleConverter
-
     register(ModuleConverter(cls, converter), owner=cls.__module__)
 
 

@@ -13,18 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpa.errors import HpaError, OptionError
+from hpa.errors import HpaError, LoadError, OptionError
 from hpa.experiments.data import generator, stream_seed
 from hpa.experiments.types import INIT_SCHEMES, Dataset
-from hpa.registry import LoadOptions
+from hpa.options import LoadOptions
+from hpa.specs import parse_spec
 
 
 def build_model(arch: str, dataset: Dataset, seed: int, init: str, task: str, init_std: float = 0.01):
     """(module, traced ConvGraph) for ``arch`` sized for ``dataset``, initialised by the scheme ``init``
     (types.INIT_SCHEMES); refuses an architecture that does not fit."""
     from hpa.plugins import registries
-    from hpa.registry import parse_spec
-
     loaders = registries()["loaders"]
     parsed = parse_spec(arch, loaders)
     loader = loaders.get(parsed.prefix)
@@ -250,7 +249,6 @@ class SnapshotStatistics:
 
 
 def _rebinds(structure, model) -> bool:
-    from hpa.errors import LoadError
     from hpa.rebind import rebind
 
     try:

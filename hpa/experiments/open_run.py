@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from hpa.errors import HpaError, LoadError, OptionError
+from hpa.errors import HpaError, HpaWarning, LoadError, OptionError
 from hpa.experiments.layout import (FINISHED, GRAPH_JSON, METRICS, RUN_JSON, SEEDS_JSON, SERIES, SNAPSHOTS, STATE,
                                     finite_number, seed_folder, seed_folders, snapshot_name, stats_name)
 
@@ -42,8 +42,6 @@ class RunFolderError(LoadError):
 
 def warn(message: str) -> None:
     """One ``Warning:`` line on stderr from the CLI (a repair, or a fallback), shown even with --quiet."""
-    from hpa.plugins import HpaWarning
-
     warnings.warn(message, HpaWarning, stacklevel=3)
 
 

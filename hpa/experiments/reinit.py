@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from hpa.errors import HpaError, LoadError, OptionError
+from hpa.errors import LoadError, OptionError, ReinitError, suggest
 
 #: The roles of a layer's own tensors, and those of the BatchNorm folded into it (``reset_bn``).
 LAYER_ROLES = ("weight", "bias", "channel_bias")
@@ -31,10 +31,6 @@ BN_ROLES = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
 #: What a freshly built BatchNorm holds (``nn.BatchNorm*.reset_parameters``), per role.
 _FRESH_BN = {"bn.weight": 1.0, "bn.bias": 0.0, "bn.running_mean": 0.0, "bn.running_var": 1.0}
 EVAL_BATCH = 1000
-
-
-class ReinitError(HpaError):
-    """Bad input to ``hpa reinit``: nothing to reset, or nothing to evaluate on."""
 
 
 # -- what is measured ----------------------------------------------------------------------------
@@ -425,8 +421,6 @@ def _choose_layers(structure, names: list[str] | None, with_linear: bool) -> lis
         by_name = {layer.name: layer for layer in available}
         for name in names:
             if name not in by_name:
-                from hpa.registry import suggest
-
                 known = [layer.name for layer in structure]
                 tail = suggest(name, known) or f"; the layers are {', '.join(known)}"
                 raise ReinitError(f"no layer named {name!r} in the model{tail}")

@@ -20,17 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hpa.errors import HpaError, OptionError
+from hpa.errors import HpaWarning, OptionError, TrainingError
 from hpa.experiments.distributed import is_lead
 from hpa.experiments.run import RunDir, snapshot_name
 from hpa.experiments.types import (DEFAULT_RECIPE, INIT_SCHEMES, NAMED_RECIPES, PIXELS, SCHEDULES, Noise, Recipe, Task,
                                    check_noise, named_recipe, noise_fields, noise_from_flags, recipe_fields)
+from hpa.specs import parse_spec
 
 FORMAT = 1  # of run.json
-
-
-class TrainingError(HpaError):
-    """Training stopped: the loss became NaN or Inf.  Finished epochs are kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -99,8 +96,6 @@ def describe_tasks() -> list[dict[str, Any]]:
 def architecture_init(arch: str) -> str:
     """The init scheme ``arch``'s paper code used (its loader's ``init_scheme``), else "default"."""
     from hpa.plugins import registries
-    from hpa.registry import parse_spec
-
     loaders = registries()["loaders"]
     parsed = parse_spec(arch, loaders)
     loader = loaders.get(parsed.prefix)
@@ -609,8 +604,6 @@ class _CountedBatches:
 def _warn(note: str) -> None:
     """One line on stderr ("Warning: ..." from the CLI), shown even with --quiet."""
     import warnings
-
-    from hpa.plugins import HpaWarning
 
     warnings.warn(note, HpaWarning, stacklevel=3)
 

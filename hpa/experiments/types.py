@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from hpa.errors import OptionError
+from hpa.errors import OptionError, suggest
 
 if TYPE_CHECKING:  # numpy stays off the import path of 'hpa --help' and 'hpa plugins'
     import numpy as np
@@ -242,8 +242,6 @@ DEFAULT_RECIPE = "paper"
 
 def named_recipe(name: str) -> NamedRecipe:
     """The named recipe ``name``; an unknown name is an OptionError with "did you mean"."""
-    from hpa.registry import suggest
-
     if name not in NAMED_RECIPES:
         raise OptionError(f"unknown recipe {name!r}{suggest(name, NAMED_RECIPES)}; 'hpa experiments' lists "
                           "the recipes")

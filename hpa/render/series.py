@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from hpa.render import style
+from hpa.errors import HpaWarning
 
 PANEL_HEIGHT = 1.9  # inches, one row of panels
 MARKERS_UP_TO = 40  # epochs; a longer run's markers would merge into a string of dots
@@ -254,8 +255,6 @@ def plot_run(series: RunSeries, folder: Path, fmt: str, statistic_plugins: Mappi
             continue
         written += stat.plot_series(series, folder, fmt)
     if missing:
-        from hpa.plugins import HpaWarning
-
         warnings.warn(f"no figures over epochs for {', '.join(missing)}: its plugin draws none or is not "
                       "installed", HpaWarning, stacklevel=2)
     return written

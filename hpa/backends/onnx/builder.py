@@ -30,7 +30,7 @@ from hpa.backends.onnx.scopes import CONTROL_FLOW, FlatGraph, flatten, inline_fu
 from hpa.backends.onnx.shapes import infer_shapes
 from hpa.errors import OptionError
 from hpa.graph import ConvGraph, Layer, Skipped
-from hpa.registry import LoadOptions
+from hpa.options import LoadOptions
 
 
 def load_onnx(path: str, options: LoadOptions) -> ConvGraph:
