@@ -42,7 +42,7 @@ def cell_vs_pass(run: Path, repeat: int) -> dict[str, float]:
     import torch
 
     from hpa.experiments.data import DeviceData
-    from hpa.experiments.loop import evaluate as trainer_pass
+    from hpa.experiments.loop import evaluate_split as trainer_pass
     from hpa.experiments.reinit import _subjects, _Sweep
     from hpa.experiments.types import Recipe
 

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa.experiments.data import DeviceData, augment
+from hpa.experiments.augment import augment
+from hpa.experiments.data import DeviceData
 from hpa.experiments.loop import train_one_epoch
 from hpa.experiments.model import build_model
-from hpa.experiments.train import default_cpu_threads, train
+from hpa.experiments.config import default_cpu_threads
+from hpa.experiments.train import train
 from hpa.experiments.types import Dataset, Recipe
 
 

@@ -296,6 +296,7 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
         options["weights"] = None  # no pretrained weights: the seeded fresh init
         module = _is_torch_module(spec)
         if module:
+            # here, not at the top: backends.torch_module imports torch
             from hpa.backends.torch_module import reinitialised
             spec = reinitialised(spec, options["seed"])
             options["weights"] = "DEFAULT"  # the module as it is: already re-initialised
@@ -316,6 +317,7 @@ def _load_init(spec: Any, graph: ConvGraph, init: Any, load_options: dict[str, A
 
 def _load_snapshot(spec: Any, graph: ConvGraph, path: str, options: dict[str, Any]) -> ConvGraph:
     if _is_torch_module(spec):
+        # here, not at the top: backends.torch_module imports torch
         from hpa.backends.torch_module import with_state_dict
         return load(with_state_dict(spec, path, options["trust_pickle"]), **options)
     if _builds_init(graph):
@@ -388,7 +390,7 @@ def _skipped_summary(graph: ConvGraph) -> list[str]:
 
 
 def _load_module(module: Any, options: LoadOptions) -> ConvGraph:
-    from hpa.backends.torch_trace import trace_module
+    from hpa.backends.torch_trace import trace_module  # here, not at the top: backends.torch_trace imports numpy
     if options.input_size is None:
         raise OptionError("a torch.nn.Module needs input_size=(C, H, W) for its dummy forward pass")
     source = {"spec": f"<{type(module).__name__}>", "loader": "module", "fold_bn": options.fold_bn}

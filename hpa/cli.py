@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
+import hpa
 from hpa import __version__
 from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
+from hpa.plugins import RESERVED_OPTIONS, describe_plugins, plugin_manager, registries
 
 _EXIT_BAD_INPUT = 2
 
@@ -75,8 +77,6 @@ class _ScanCommand(click.Command):
     registry when the help is shown, so it never imports torch)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from hpa.plugins import describe_plugins
-
         rows = []
         for plugin in describe_plugins():
             for entry in plugin.get("statistics", []):
@@ -114,7 +114,7 @@ def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str,
     SPEC is PREFIX:NAME (torchvision:resnet18, timm:vgg19.tv_in1k, zoo:digits_cnn)
     or a model file (.pt .pth .bin .safetensors .onnx .mat).
     """
-    import hpa
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
     from hpa.files import atomic_directory, check_output_dir
     from hpa.render.table import render_layers, render_rest
 
@@ -149,6 +149,7 @@ def scan(spec: str, statistics, as_json: bool, out: str | None, fig_format: str,
 @_figure_options
 def plot(result_json: str, out: str, fig_format: str, **figure_options) -> None:
     """Redraw the figures of a saved RESULT_JSON (hpa scan --out or --json) without rescanning."""
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
     from hpa.api import redraw
 
     files = redraw(result_json, out, fig_format, **figure_options)
@@ -164,8 +165,6 @@ def list_models(prefix: str, pattern: str | None) -> None:
     A loader that knows each architecture's paper init (cifar) shows it beside the name:
     what 'hpa train --arch PREFIX:NAME' initialises with unless --init says otherwise.
     """
-    import hpa
-    from hpa.plugins import registries
 
     names = hpa.list_models(prefix, pattern)
     scheme = registries()["loaders"].get(prefix).init_scheme
@@ -185,8 +184,6 @@ def list_models(prefix: str, pattern: str | None) -> None:
 def plugins(as_json: bool) -> None:
     """List installed plugins: version, hooks, the loaders, statistics, tasks and experiments
     each registers, and their -o options."""
-    from hpa.plugins import describe_plugins
-
     described = describe_plugins()
     if as_json:
         click.echo(json.dumps(described, indent=2))
@@ -217,8 +214,6 @@ def _registered_lines(entry: dict[str, Any]) -> list[str]:
 def _parse_extra(pairs) -> dict[str, str]:
     """``-o KEY=VALUE`` pairs as {key: the value string}; the core converts each value with the
     type its owner declares (hpa.registry.Option), so nothing is guessed here."""
-    from hpa.plugins import RESERVED_OPTIONS
-
     extra: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -236,6 +231,7 @@ def _parse_extra(pairs) -> dict[str, str]:
 
 def _progress_printer():
     """Bars on a terminal, one plain line per stage elsewhere (hpa.render.progress)."""
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
     from hpa.render.progress import StageProgress
 
     return StageProgress()
@@ -257,6 +253,7 @@ class _EarlyTable:
         pending = [n for n in partial.statistic_plugins if n not in partial.statistics]
         with_columns = [s for s in partial.statistic_plugins.values() if s.columns is not None]
         if self.stream and pending and not self.printed and all(s.name in partial.statistics for s in with_columns):
+            # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
             from hpa.render.table import render_layers
 
             click.echo(render_layers(partial))
@@ -264,18 +261,18 @@ class _EarlyTable:
             self.printed = True
 
     def _announce(self, name: str, partial) -> None:
-        """The estimated cost of the cone statistic, the one that can take minutes."""
+        """The estimated cost of a statistic that gives one (``Statistic.estimate``: those that can take minutes)."""
         stat = partial.statistic_plugins.get(name)
-        if self.printer is None or stat is None or stat.compute.__module__ != "hpa_plugins.cones":
+        if self.printer is None or stat is None or stat.estimate is None:
             return
+        # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
         from hpa.render.progress import format_seconds
-        from hpa_plugins.cones import estimate
 
-        pairs, seconds = estimate(partial.graph, partial.options)
+        work, seconds = stat.estimate(partial.graph, partial.options)
         others = [n for n in partial.statistic_plugins if n != name]
         skip = f"; --stat {' --stat '.join(others)} skips it" if others else ""
         cost = "under a second" if seconds < 1 else f"about {format_seconds(seconds)} (rough estimate)"
-        self.printer.note(f"{name}: {pairs} layer pairs, {cost}{skip}")
+        self.printer.note(f"{name}: {work}, {cost}{skip}")
 
 
 def _raise_if_damaged(result) -> None:
@@ -327,8 +324,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register_plugin_commands() -> None:
-    from hpa.plugins import plugin_manager
-
     plugin_manager().hook.register_commands(cli=cli)
 
 
@@ -411,13 +406,16 @@ def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
     """
     import shlex
 
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
     from hpa.experiments.distributed import is_lead, launch, launched, without_nproc
 
     if nproc is not None and nproc > 1 and not launched():
         if seeds is not None:
+            # here, not at the top: experiments.seeds imports numpy
             from hpa.experiments.seeds import ONE_PROCESS
 
             raise HpaError(ONE_PROCESS)
+        # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
         from hpa.experiments.run import RunDir
 
         # The usual mistakes, refused here in one line rather than by every rank under torchrun.
@@ -426,9 +424,11 @@ def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:
         elif options["out"] is not None:
             RunDir.check_new(options["out"])
         sys.exit(launch(nproc, without_nproc(sys.argv[1:])))
+    # here, not at the top: experiments.seeds imports numpy, experiments.train torch
     from hpa.experiments.seeds import is_multi_seed, parse_seeds, resume_seeds, train_seeds
     from hpa.experiments.train import train as run_training
 
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
     from hpa.render.training_progress import TrainingProgress
 
     options.update(progress=None if quiet else TrainingProgress(bars=bars),
@@ -459,7 +459,8 @@ def analyse_run(run_dir: str, statistics, quiet: bool) -> None:
     Example:
       hpa analyse-run runs/vgg19 --stat cones
     """
-    from hpa.experiments.stats import analyse_run as run_analysis
+    # here, not at the top: experiments.analyse_run imports numpy
+    from hpa.experiments.analyse_run import analyse_run as run_analysis
 
     report = run_analysis(run_dir, list(statistics), progress=None if quiet else lambda line: click.echo(line, err=True))
     done = f"; {len(report['already_done'])} already done" if report["already_done"] else ""
@@ -470,7 +471,8 @@ def analyse_run(run_dir: str, statistics, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiments(as_json: bool) -> None:
     """List the training tasks with their dataset, default architecture and recipe, and the named recipes."""
-    from hpa.experiments.train import describe_tasks
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
+    from hpa.experiments.config import describe_tasks
     from hpa.experiments.types import INIT_SCHEMES, NAMED_RECIPES, PIXELS
 
     described = describe_tasks()
@@ -515,6 +517,7 @@ def reinit(run_or_spec: str, epochs, layers, out, fig_format: str, quiet: bool, 
       hpa reinit runs/vgg19 --epochs 0,1,2,5,10
       hpa reinit cifar:small_max --weights model.safetensors --plugin digits --out reinit-small
     """
+    # here, not at the top: experiments.reinit imports torch
     from hpa.experiments.reinit import parse_epochs, reinit as run_reinit, result_folder
 
     folder = result_folder(run_or_spec, out)

@@ -8,6 +8,7 @@ line and exits with status 2; ``HPA_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Iterable
 
 
@@ -65,6 +66,19 @@ class ReinitError(HpaError):
 
 class HpaWarning(UserWarning):
     """Warnings hpa emits about plugins and data (shown once, on stderr)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C: the finished epochs are kept and run.json says "interrupted".
+
+    A KeyboardInterrupt still (so that nothing catches it as an error); its message is the one
+    line that says how to continue, which the CLI prints before exiting with status 130.
+    """
+
+    @classmethod
+    def of(cls, folder: Path) -> TrainingInterrupted:
+        return cls(f"Stopped by Ctrl-C; the finished epochs are kept in {folder}: continue with "
+                   f"'hpa train --resume {folder}'")
 
 
 # -- the "did you mean" every refusal of a name ends with --------------------------------

@@ -10,7 +10,8 @@ single-channel kernel therefore defines its own cone, which is what the cone
 statistics (``plugins/cones.py``) study.  Seed 000 §4 swaps the order of the
 channel sum and the ReLU this way "to make the theory as tight as possible".
 
-Importing this module registers a converter with the torch tracer, so that
+The built-in ``cifar`` plugin registers :func:`channel_relu_converter` through the
+``register_module_converters`` hook, as a third-party plugin would, so that
 ``hpa.load(model)`` sees each ``ChannelReLUConv2d`` as one conv layer whose
 ``channel_bias`` is ``beta`` (bias rule "per-channel").
 """
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpa.backends.torch_trace import register_module_converter, to_numpy
+from hpa.backends.torch_trace import to_numpy
 from hpa.graph import Layer
+from hpa.registry import ModuleConverter
 
 __all__ = ["ChannelReLUConv2d", "lenet9", "vgg9", "LENET9_CONVS", "VGG9_CONVS"]
 
@@ -99,7 +101,10 @@ def _convert(module: ChannelReLUConv2d, name: str, x: torch.Tensor, y: torch.Ten
     )
 
 
-register_module_converter(ChannelReLUConv2d, _convert)
+
+def channel_relu_converter() -> ModuleConverter:
+    """The tracer's converter of :class:`ChannelReLUConv2d` (registered by the built-in ``cifar`` plugin)."""
+    return ModuleConverter(ChannelReLUConv2d, _convert)
 
 
 # -- the networks of Gamba et al. 2019 §4 (reference code: LeNet9 and VGG9, 9 learned layers each) --------

@@ -224,21 +224,11 @@ def _check_option_name(name: str, owner: str, owner_of: dict[str, str]) -> None:
 
 # -- module converters: torch module classes traced as one layer ------------------------------
 
-# Converters hpa's own modules register on import (hpa.nn); they survive _reset_for_tests.
-_CORE_CONVERTERS: dict[type, tuple[ModuleConverter, str]] = {}
-
-
-def register_module_converter(converter: ModuleConverter, owner: str = "hpa") -> None:
-    """Register a converter from core code; plugins use the ``register_module_converters`` hook."""
-    _add_converter(_CORE_CONVERTERS, converter, owner)
-    _state._converters = None
-
-
 def module_converters() -> dict[type, Any]:
-    """Module class -> convert function, from the core and the ``register_module_converters`` hooks."""
+    """Module class -> convert function, from the plugins' ``register_module_converters`` hooks."""
     load_plugins()
     if _state._converters is None:
-        found = dict(_CORE_CONVERTERS)
+        found: dict[type, tuple[ModuleConverter, str]] = {}
         _call_each("register_module_converters", lambda item, owner: _add_converter(found, item, owner))
         _state._converters = {cls: converter.convert for cls, (converter, _) in found.items()}
     return _state._converters

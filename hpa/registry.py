@@ -87,6 +87,9 @@ class Statistic:
     # Figures over the epochs of a training run (one seed or several): (hpa.render.series.RunSeries,
     # folder, format) -> the files written.  The trainer and hpa.open_run(...).plot() call it.
     plot_series: Callable[[Any, Path, str], list[Path]] | None = None
+    # The rough cost of a statistic that can take minutes, before it runs: (graph, scan options) ->
+    # (the work, as in "12 layer pairs"; CPU seconds).  'hpa scan' prints it when the statistic starts.
+    estimate: Callable[[ConvGraph, Mapping[str, Any]], tuple[str, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from hpa import __version__
 from hpa.errors import HpaWarning, LoadError, OptionError, suggest
 from hpa.graph import ConvGraph, Layer, Skipped
 from hpa.registry import Statistic, StatisticResult
+from hpa.render import style
+from hpa.render.style import select
+from hpa.render.table import header_line, table_cells
 
 SCHEMA_VERSION = 1
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # what ``hpa plot`` replaces in a result folder
@@ -38,8 +42,6 @@ class ScanResult:
 
     # -- the JSON schema (documented in README.md) ---------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from hpa import __version__
-
         layers = []
         for layer in self.graph:
             entry = layer.attributes()
@@ -147,8 +149,6 @@ class ScanResult:
         (comma-separated fnmatch patterns) chooses the layers drawn.  A statistic
         without a renderer is named in a warning, not dropped silently.
         """
-        from hpa.render import style
-
         options = style.FigureOptions(format=format, dpi=dpi, hist_range=hist_range, layers=layers)
         self._check_layer_pattern(layers)
         directory = Path(directory)
@@ -166,8 +166,6 @@ class ScanResult:
         return written
 
     def _check_layer_pattern(self, pattern: str | None) -> None:
-        from hpa.render.style import select
-
         names = [layer.name for layer in self.graph]
         if pattern and not select(names, pattern):
             raise OptionError(f"--layers {pattern!r} matches no layer of {len(names)}{suggest(pattern, names)}; "
@@ -201,8 +199,6 @@ class ScanResult:
     def _repr_html_(self) -> str:
         """The terminal's layer table as an HTML table, under the header line."""
         from html import escape
-
-        from hpa.render.table import header_line, table_cells
 
         headers, _, rows = table_cells(self, width=None)
         head = "".join(f"<th>{escape(h)}</th>" for h in headers)

@@ -51,6 +51,14 @@ OPTIONS = (
 
 
 @hookimpl
+def register_module_converters(register):
+    """hpa.nn.ChannelReLUConv2d, the channel-wise-ReLU conv of lenet9 and vgg9, traced as one conv layer."""
+    from hpa.nn import channel_relu_converter  # torch: the hook runs when a module is first traced
+
+    register(channel_relu_converter())
+
+
+@hookimpl
 def register_loaders(register):
     register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
                     options=OPTIONS, init_scheme=init_scheme,

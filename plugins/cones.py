@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpa.graph import ELEMENTWISE, INPUT, ConvGraph, Layer, Skipped  # ELEMENTWISE: canonical op names
 from hpa import Option, Statistic, StatisticContext, StatisticResult, hookimpl
+from hpa.graph import ELEMENTWISE, INPUT, ConvGraph, Layer, Skipped  # ELEMENTWISE: canonical op names
 
 NAME = "cones"
 STATES = ("OUT_FULL_IN", "IN_FULL_OUT", "OUT_PARTIAL_IN", "IN_PARTIAL_OUT")  # == hpa.cones.STATES
@@ -41,6 +41,7 @@ def register_statistics(register):
         applies=applies,
         options=OPTIONS,
         plot_series=plot_series,
+        estimate=cost,
     ))
 
 
@@ -90,6 +91,12 @@ def estimate(graph: ConvGraph, options: Mapping[str, Any] | None = None) -> tupl
     rotation = _flag(options.get("cones_rotation", True))
     seconds = sum(pair_seconds(lower, upper, plane if rotation else None) for lower, upper, plane in pairs)
     return len(pairs), seconds
+
+
+def cost(graph: ConvGraph, options: Mapping[str, Any]) -> tuple[str, float]:
+    """Statistic.estimate: the eligible layer pairs and their rough CPU seconds (what 'hpa scan' announces)."""
+    pairs, seconds = estimate(graph, options)
+    return f"{pairs} layer pairs", seconds
 
 
 def pair_seconds(lower: Layer, upper: Layer, plane) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 
-from hpa.experiments import Dataset, Recipe, Task
 from hpa import hookimpl
+from hpa.experiments import Dataset, Recipe, Task
 
 TEST_SIZE = 0.25
 SPLIT_SEED = 0

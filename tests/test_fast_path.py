@@ -44,9 +44,9 @@ def fast_run(tmp_path_factory, cifar_dir):
 
 def plain_training(run, cifar_dir) -> dict[str, np.ndarray]:
     """The textbook loop from the run's initial snapshot; returns the final weights."""
-    from hpa.experiments.data import generator, stream_seed
+    from hpa.experiments.rng import generator, stream_seed
     from hpa.experiments.model import build_model
-    from hpa.experiments.train import get_task
+    from hpa.experiments.config import get_task
     from hpa.experiments.types import Recipe
 
     recipe = Recipe(**{**Recipe().to_dict(), **RECIPE})
@@ -136,20 +136,8 @@ def test_precision_flags_are_checked(run_hpa, fast_run):
     assert_bad_input(run_hpa("train", "--resume", fast_run, "--precision", "bf16"), "--precision", "fp32")
 
 
-def test_cpu_threads_default_to_the_usable_cores_per_local_process(monkeypatch):
-    from hpa.experiments.train import default_cpu_threads
-
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_cpu_threads() == cores
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this node share the cores
-    assert default_cpu_threads() == max(1, cores // 2)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
-    assert default_cpu_threads() == 1
-
-
 def test_cpu_threads_are_recorded_and_older_runs_resume_on_one_thread(fast_run):
-    from hpa.experiments.train import config_from_record
+    from hpa.experiments.config import config_from_record
 
     record = json.loads((fast_run / "run.json").read_text())
     assert record["config"]["cpu_threads"] == record["host"]["threads"] == len(os.sched_getaffinity(0))
@@ -214,27 +202,6 @@ def test_cpu_training_keeps_freed_host_memory_mapped():
     # The heap grows once or twice, then every freed block is reused.
     assert sum(faults > pages // 2 for faults in inside) <= 3, inside
     assert after > pages // 2  # the defaults are back afterwards
-
-
-def test_host_copy_is_a_snapshot_and_the_writer_reports_failures():
-    from hpa.experiments.model import BackgroundWriter, host_copy
-
-    weight = torch.ones(3)
-    (copied,), ready = host_copy((weight,))
-    weight.add_(1)  # training goes on in place
-    ready()
-    assert torch.equal(copied, torch.ones(3))
-    writer = BackgroundWriter()
-    done = []
-    writer.submit(done.append, 1)
-
-    def fail():
-        raise OSError("disk full")
-
-    writer.submit(fail)
-    assert done == [1]
-    with pytest.raises(OSError, match="disk full"):
-        writer.close()
 
 
 def test_sharded_batches_are_the_single_process_batches():

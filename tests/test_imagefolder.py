@@ -40,7 +40,7 @@ def colour_class(images: np.ndarray) -> list[str]:
 
 
 def load(root: Path):
-    from hpa.experiments.train import get_task
+    from hpa.experiments.config import get_task
 
     return get_task("imagefolder").dataset(root, False)
 

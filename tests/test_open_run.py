@@ -170,32 +170,6 @@ def test_frames_and_the_summary_of_several_seeds_hold_each_seeds_values(seeds):
 
 # -- analyse-run ----------------------------------------------------------------------------------
 
-def test_analyse_run_gives_what_training_with_the_statistic_gives(tmp_path, run_hpa):
-    with_stats = _train(tmp_path / "with", statistics=("projection",))
-    without = _train(tmp_path / "without", statistics=("none",))
-    assert not (without / "series.csv").exists()
-    proc = run_hpa("analyse-run", without, "--stat", "projection")
-    assert proc.returncode == 0, proc.stderr
-    assert f"analysed {EPOCHS + 1} snapshots" in proc.stdout
-    assert (without / "series.csv").read_text() == (with_stats / "series.csv").read_text()
-    final = load_file(without / "snapshots" / f"epoch-{EPOCHS:03d}.safetensors")
-    last = [r for r in hpa.open_run(without).series.to_dict("records") if r["epoch"] == EPOCHS]
-    assert {r["layer"]: r["projection.n_l"] for r in last}["features.3"] == numpy_n_l(final["features.3.weight"])
-    assert (without / "figures" / "projection_n_l_epochs.png").is_file()
-    # again: every epoch is done, nothing changes
-    before = (without / "series.csv").read_bytes()
-    proc = run_hpa("analyse-run", without, "--stat", "projection")
-    assert f"analysed 0 snapshots; {EPOCHS + 1} already done" in proc.stdout
-    assert (without / "series.csv").read_bytes() == before
-    # a statistic added later joins the ones already there
-    proc = run_hpa("analyse-run", without, "--stat", "cones")
-    assert proc.returncode == 0, proc.stderr
-    stats = json.loads((without / "stats" / "epoch-001.json").read_text())
-    assert sorted(stats["statistics"]) == ["cones", "projection"]
-    np.testing.assert_array_equal(hpa.open_run(without).series["projection.n_l"].to_numpy(dtype=float),
-                                  hpa.open_run(with_stats).series["projection.n_l"].to_numpy(dtype=float))
-
-
 def test_analyse_run_refuses_an_unknown_statistic(run, run_hpa):
     assert_bad_input(run_hpa("analyse-run", run, "--stat", "projecton"), "projection")
 

@@ -124,7 +124,7 @@ PAPER_INITS = {"vgg19": "kaiming_conv", "vgg11": "kaiming_conv", "alexnet": "def
 
 
 def test_each_architecture_defaults_to_its_papers_init_and_the_listings_show_it(run_hpa):
-    from hpa.experiments.train import architecture_init
+    from hpa.experiments.config import architecture_init
 
     for name, scheme in PAPER_INITS.items():
         assert architecture_init(f"cifar:{name}") == scheme
@@ -277,7 +277,8 @@ def _shape_of(images, classes):
 
 def _noisy(noise, *, n_train=60, n_test=20, seed=0):
     """``dataset_as_trained`` of a float dataset whose pixels are all distinct (permutations identifiable)."""
-    from hpa.experiments.train import TrainConfig, dataset_as_trained
+    from hpa.experiments.config import TrainConfig
+    from hpa.experiments.data import dataset_as_trained
     from hpa.experiments.types import Dataset, Recipe
 
     rng = np.random.default_rng(seed)
@@ -340,7 +341,8 @@ def test_all_splits_and_permute_first_corrupt_the_stored_images():
 
 def test_the_trainer_permutes_each_augmented_image():
     """Augment (shift and flip, zero fill), then permute by the image's own order, then normalise."""
-    from hpa.experiments.data import DeviceData, generator
+    from hpa.experiments.data import DeviceData
+    from hpa.experiments.rng import generator
     from hpa.experiments.loop import train_one_epoch
     from hpa.experiments.types import Noise, Recipe
 
@@ -376,7 +378,7 @@ def test_the_trainer_permutes_each_augmented_image():
 def test_random_pixels_leave_the_test_split_clean_through_the_cli(run_hpa, tmp_path):
     """The recorded test accuracy is the final snapshot's on the clean test images."""
     from hpa.experiments.model import build_model
-    from hpa.experiments.train import get_task
+    from hpa.experiments.config import get_task
 
     run = tmp_path / "run"
     proc = run_hpa("train", "--plugin", "digits", "--random-pixels", "--epochs", "3", "--stat", "none",
@@ -397,7 +399,8 @@ def test_random_pixels_leave_the_test_split_clean_through_the_cli(run_hpa, tmp_p
 
 def test_the_fig6_recipes_draw_always_wrong_or_uniform_labels():
     """random-labels: (y + U{1..C-1}) mod C, no label stays right; random-labels-uniform: about 1/C stay right."""
-    from hpa.experiments.train import TrainConfig, dataset_as_trained
+    from hpa.experiments.config import TrainConfig
+    from hpa.experiments.data import dataset_as_trained
     from hpa.experiments.types import NAMED_RECIPES, Dataset, Noise, Recipe
 
     rng = np.random.default_rng(0)
@@ -521,7 +524,7 @@ def test_each_documented_recipe_trains_one_epoch_on_cifar_files(cifar_fixture, t
 
 def test_a_run_recorded_before_these_fields_resumes_with_what_it_trained_with():
     """Runs recorded by an older hpa corrupted pixels everywhere, before augmentation, in [-1, 1]."""
-    from hpa.experiments.train import config_from_record
+    from hpa.experiments.config import config_from_record
 
     old = {"config": {"task": "digits", "arch": "cifar:small_max", "seed": 0, "snapshot_every": 1, "device": "cpu",
                       "recipe": {"epochs": 2, "init": "kaiming_normal"}, "noise": {"random_pixels": True}},

@@ -91,7 +91,7 @@ def write_imagefolder(root: Path, classes=("cat", "dog", "eel"), per_class: int 
 
 
 def task(name: str):
-    from hpa.experiments.train import get_task
+    from hpa.experiments.config import get_task
 
     return get_task(name)
 
@@ -227,29 +227,6 @@ def test_stratified_split_is_seeded_disjoint_and_per_class():
     again, _ = stratified_split(labels, 0.1, seed=3)
     other, _ = stratified_split(labels, 0.1, seed=4)
     assert np.array_equal(train, again) and not np.array_equal(train, other)
-
-
-def test_augment_equals_a_per_image_shift_and_flip():
-    import torch
-
-    from hpa.experiments.data import augment
-
-    images = torch.rand(16, 3, 6, 7)
-    shift = 2
-    out = augment(images, shift, True, torch.Generator().manual_seed(5))
-    # The same draws, in augment's documented order, then an independent per-image computation.
-    draws = torch.Generator().manual_seed(5)
-    dy = torch.randint(0, 2 * shift + 1, (16,), generator=draws)
-    dx = torch.randint(0, 2 * shift + 1, (16,), generator=draws)
-    flips = torch.rand(16, generator=draws) < 0.5
-    for i in range(16):
-        image = images[i].numpy()
-        if flips[i]:
-            image = image[:, :, ::-1]
-        padded = np.pad(image, ((0, 0), (shift, shift), (shift, shift)))
-        expected = padded[:, dy[i]:dy[i] + 6, dx[i]:dx[i] + 7]
-        np.testing.assert_array_equal(out[i].numpy(), expected)
-    assert flips.any() and not flips.all()
 
 
 # -- the CLI -----------------------------------------------------------------------------------

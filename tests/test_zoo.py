@@ -130,7 +130,7 @@ def test_no_fold_bn_gives_the_raw_conv_weights():
 
 
 def test_weights_none_is_the_training_init():
-    from hpa.experiments.data import stream_seed
+    from hpa.experiments.rng import stream_seed
 
     config = models.MODELS["digits_cnn"]
     torch.manual_seed(stream_seed(config.seed, "init"))  # hpa train's init stream, applied here by hand
@@ -151,7 +151,7 @@ def test_weights_none_is_the_training_init():
 def test_compare_init_scans_the_training_init():
     result = hpa.scan("zoo:digits_cnn", statistics=["projection"], compare_init=True)
     assert result.graph.source["weights"] == "trained" and result.init.source["weights"] == "init"
-    from hpa.experiments.data import stream_seed
+    from hpa.experiments.rng import stream_seed
 
     torch.manual_seed(stream_seed(models.MODELS["digits_cnn"].seed, "init"))
     fresh = models.MODELS["digits_cnn"].build()

@@ -139,7 +139,7 @@ MUTANTS = (
            "            for folder in reversed(created):\n", (FILES,)),
     # -- the trainer's speed and launch choices (issue 11); each names its killing test, since the files'
     # other tests (minutes of training and launching) would run first --
-    Mutant("trainer: the recorded --cpu-threads is not applied", ("hpa/experiments/train.py",),
+    Mutant("trainer: the recorded --cpu-threads is not applied", ("hpa/experiments/trainer.py",),
            "        if self.config.cpu_threads is not None:\n",
            "        if False:\n",
            ("tests/test_fast_path.py::test_training_runs_on_the_recorded_thread_count_and_restores_the_callers",)),
@@ -154,8 +154,8 @@ MUTANTS = (
            "    import torch._dynamo  # noqa: F401\n", "",
            ("tests/test_ddp.py::test_closing_the_group_ends_its_worker_threads",)),
     # -- the experiment half's numbers and safety code (issue 17) --
-    Mutant("reinit: uint8 test pixels not scaled to [0, 1]", (REINIT,),
-           "scale = 1 / 255 if dataset.test_images.dtype == np.uint8 else 1.0", "scale = 1.0",
+    Mutant("reinit: uint8 test pixels not scaled to [0, 1]", ("hpa/experiments/data.py",),
+           "self.scale = 1 / 255 if images.dtype == np.uint8 else 1.0", "self.scale = 1.0",
            (f"{NUMBERS}::test_uint8_checkpoint_cells_equal_a_plain_loop",)),
     Mutant("reinit: the spread over draws is the sample std (ddof 1)", (REINIT,),
            "return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))",
@@ -190,9 +190,9 @@ MUTANTS = (
            '"relative_drop": (trained - accuracy) / trained if trained > 0 else None}',
            '"relative_drop": (trained - accuracy) / accuracy if accuracy > 0 else None}',
            (f"{NUMBERS}::test_float32_checkpoint_cells_with_and_without_reset_bn",)),
-    Mutant("reinit: the loss is a sum of batch means", (REINIT,),
-           'total += F.cross_entropy(logits, labels, reduction="sum").double()',
-           "total += F.cross_entropy(logits, labels).double()",
+    Mutant("reinit: the loss is a sum of batch means", ("hpa/experiments/loop.py",),
+           'total_loss += F.cross_entropy(logits, labels, reduction="sum").double()',
+           "total_loss += F.cross_entropy(logits, labels).double()",
            (f"{NUMBERS}::test_float32_checkpoint_cells_with_and_without_reset_bn",)),
     Mutant("reinit: the final n_l of several seeds is the first seed's", (REINIT,),
            "return _mean(values) if values else None", "return values[0] if values else None",

@@ -147,7 +147,7 @@ def init(name: str, seed: int | None = None):
 
     ``init(name)`` is the exact module the shipped weights were trained from.
     """
-    from hpa.experiments.data import stream_seed
+    from hpa.experiments.rng import stream_seed
 
     config = get(name)
     return build_seeded(name, stream_seed(config.seed if seed is None else seed, "init"))

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from hpa.dataflow import predecessors
 from hpa.errors import LoadError
 from hpa.fold import fold_batchnorm
-from hpa.dataflow import predecessors
 from hpa.graph import ACTIVATIONS, INFERENCE_IDENTITIES, INPUT, ConvGraph, Layer, Skipped, unique_name
-from hpa.registry import ModuleConverter
+from hpa.plugins import module_converters
 
 _LAYER_SIGNATURES = {
     "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -42,21 +42,12 @@ _BATCH_NORM_SIGNATURE = ("input", "running_mean", "running_var", "weight", "bias
 _SPELLINGS = {"feature_dropout": "dropout2d", "clip": "clamp", "_threshold": "threshold"}
 
 
-def register_module_converter(cls: type, converter: Callable[..., Layer]) -> None:
-    """Treat modules of ``cls`` as one layer, built by ``converter(module, name, x, y)``.
-
-    For hpa's own modules (``hpa.nn``); it records the converter in the core's
-    collision-checked registry (:func:`hpa.plugins.module_converters`), which
-    plugins fill through the ``register_module_converters`` hook.
-    """
-    from hpa.plugins import register_module_converter as register
-    register(ModuleConverter(cls, converter), owner=cls.__module__)
-
-
 def _module_converters() -> dict[type, Callable[..., Layer]]:
-    """Module classes traced as a whole: class -> converter(module, name, input, output) -> Layer."""
-    from hpa.plugins import module_converters
+    """Module classes traced as a whole: class -> converter(module, name, input, output) -> Layer.
 
+    Every converter comes from a plugin's ``register_module_converters`` hook (hpa's own
+    ``ChannelReLUConv2d`` from the built-in ``cifar`` plugin), through the core's registry.
+    """
     return module_converters()
 
 
@@ -230,7 +221,6 @@ def trace_module(
     memory-mapped checkpoint is not held twice.  Each layer's ``params`` names
     the state_dict keys its numbers were read from.
     """
-    import hpa.nn  # noqa: F401  (registers the ChannelReLUConv2d converter before tracing)
     with _untouched(model):
         tracer = _trace(model, input_size, seed)
     layers = finish_layers(tracer.nodes, fold_bn)

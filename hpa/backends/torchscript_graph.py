@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from hpa.backends.torch_trace import Node, finish_layers, make_layer
 from hpa.errors import LoadError
 from hpa.graph import ConvGraph, Skipped, unique_name
-from hpa.backends.torch_trace import Node, finish_layers, make_layer
 
 _CONV = {"aten::conv1d": "conv1d", "aten::conv2d": "conv2d", "aten::conv3d": "conv3d",
          "aten::conv_transpose1d": "conv_transpose1d", "aten::conv_transpose2d": "conv_transpose2d",

@@ -1,8 +1,9 @@
-"""Data on the training device: the split, the batch order and the augmentation.
+"""Data on the training device: the split, the batch order and the one normalisation; and the
+data a run trains on (:func:`dataset_as_trained`: its noise applied, its normalisation resolved).
 
 The whole split lives on the device as one tensor; a batch is drawn with one
-index and augmented with one batched gather, so there are no DataLoader
-workers and no per-image Python.  Every random number comes from a CPU
+index and augmented with one batched gather (``hpa.experiments.augment``), so
+there are no DataLoader workers and no per-image Python.  Every random number comes from a CPU
 generator seeded by :func:`stream_seed` ``(seed, stream, epoch)`` and is then
 moved to the device: CPU and CUDA runs see the same draws, and resuming at
 an epoch needs no saved RNG state.
@@ -10,26 +11,16 @@ an epoch needs no saved RNG state.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from hpa.errors import OptionError
+from hpa.experiments.noise import NoisyData, channel_moments, corrupt_dataset
+from hpa.experiments.rng import generator, stream_seed
 from hpa.experiments.types import Dataset, Recipe
-
-# Stream identifiers: fixed forever, so a seed means the same draws in every hpa version.
-STREAMS = {"split": 1, "init": 2, "shuffle": 3, "augment": 4, "dropout": 5}
-
-
-def stream_seed(seed: int, stream: str, epoch: int = 0) -> int:
-    """A 63-bit seed for one random stream of one epoch, independent across streams and epochs."""
-    state = np.random.SeedSequence([int(seed), STREAMS[stream], int(epoch)]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-def generator(seed: int, stream: str, epoch: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, stream, epoch))
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +36,33 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     validation = np.sort(np.concatenate(held))
     train = np.setdiff1d(np.arange(len(labels)), validation)
     return train, validation
+
+
+class Normalisation:
+    """The one normalisation: stored pixels -> [0, 1] (uint8 / 255) -> per channel (x - mean) / std.
+
+    ``dataset.mean`` and ``dataset.std`` are the run's (:func:`pixel_normalisation`, in run.json's
+    ``normalisation``); ``images`` (default the training images) gives the stored dtype and channels.
+    """
+
+    def __init__(self, dataset: Dataset, device, images: np.ndarray | None = None) -> None:
+        images = dataset.train_images if images is None else images
+        self.scale = 1 / 255 if images.dtype == np.uint8 else 1.0
+        channels = images.shape[1]
+        self.mean = _per_channel(dataset.mean, channels, device)
+        self.std = _per_channel(dataset.std, channels, device)
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw stored pixels -> the network's input: scale to [0, 1], subtract mean, divide by std."""
+        return self.standardise(self.unit(raw))
+
+    def unit(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw stored pixels in the [0, 1] scale (what the augmentation shifts and flips)."""
+        return raw.float() * self.scale
+
+    def standardise(self, unit: torch.Tensor) -> torch.Tensor:
+        """Pixels in the [0, 1] scale -> the network's input (the run's per-channel mean and std)."""
+        return (unit - self.mean) / self.std
 
 
 @dataclass
@@ -90,22 +108,11 @@ class DeviceData:
             self.orders = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
         self.validation = self._split(dataset.train_images[val_idx], dataset.train_labels[val_idx])
         self.test = self._split(dataset.test_images, dataset.test_labels)
-        self.scale = 1 / 255 if dataset.train_images.dtype == np.uint8 else 1.0
-        channels = dataset.train_images.shape[1]
-        self.mean = _per_channel(dataset.mean, channels, device)
-        self.std = _per_channel(dataset.std, channels, device)
+        self.normalisation = Normalisation(dataset, device)
 
     def _split(self, images: np.ndarray, labels: np.ndarray) -> Split:
         return Split(torch.from_numpy(np.ascontiguousarray(images)).to(self.device),
                      torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device))
-
-    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw stored pixels -> the network's input: scale to [0, 1], subtract mean, divide by std."""
-        return self.standardise(raw.float() * self.scale)
-
-    def standardise(self, unit: torch.Tensor) -> torch.Tensor:
-        """Pixels in the [0, 1] scale -> the network's input (the run's per-channel mean and std)."""
-        return (unit - self.mean) / self.std
 
     def permute_pixels(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The pixel noise that follows augmentation: training images ``index`` with their fixed orders."""
@@ -165,48 +172,6 @@ def _part_bounds(length: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def augment_draws(batch: int, shift: int, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(dy, dx, flips) of a ``batch``-image batch, drawn from ``gen`` in a fixed order (CPU tensors)."""
-    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
-    dx = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)
-    flips = torch.rand(batch, generator=gen) < 0.5
-    if not flip:
-        flips = torch.zeros_like(flips)
-    return dy, dx, flips
-
-
-def augment(images: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Flip about half of the images, then shift each by up to ±``shift`` pixels (zero fill), in one gather.
-
-    ``images`` is a float batch (B, C, H, W) in [0, 1] (before normalisation, so the fill is black).
-    The random draws come from the CPU generator ``gen`` in a fixed order (:func:`augment_draws`).
-    """
-    return shift_and_flip(images, shift, augment_draws(len(images), shift, flip, gen))
-
-
-def shift_and_flip(images: torch.Tensor, shift: int, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """:func:`augment` with given draws (one row of ``draws`` per image)."""
-    batch, _, height, width = images.shape
-    dy, dx, flips = draws
-    if shift == 0 and not bool(flips.any()):
-        return images
-    device = images.device
-    dy, dx, flips = dy.to(device), dx.to(device), flips.to(device)
-    padded = F.pad(images, (shift, shift, shift, shift))
-    rows = dy[:, None] + torch.arange(height, device=device)  # (B, H) rows of the padded image
-    columns = torch.arange(width, device=device).expand(batch, width)
-    # Flip first, then shift: a flipped image's column w is the original's W-1-w, so its shift
-    # by dx - shift reads padded column (W-1-w) + (2*shift - dx).
-    dx = torch.where(flips, 2 * shift - dx, dx)
-    columns = torch.where(flips[:, None], columns.flip(1), columns) + dx[:, None]  # (B, W)
-    # One flat gather: offset of (image, row, column) in the padded batch, plus each channel's plane.
-    plane_rows, plane_cols = padded.shape[2], padded.shape[3]
-    image_offset = torch.arange(batch, device=device) * (padded.shape[1] * plane_rows * plane_cols)
-    pixel = image_offset[:, None, None] + rows[:, :, None] * plane_cols + columns[:, None, :]  # (B, H, W)
-    channel = torch.arange(padded.shape[1], device=device) * (plane_rows * plane_cols)
-    return padded.reshape(-1)[pixel[:, None] + channel[None, :, None, None]]
-
-
 def _per_channel(values, channels: int, device) -> torch.Tensor:
     values = tuple(float(v) for v in values)
     if len(values) == 1:
@@ -214,3 +179,40 @@ def _per_channel(values, channels: int, device) -> torch.Tensor:
     if len(values) != channels:
         raise ValueError(f"{len(values)} normalisation values for {channels} channels")
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+
+
+# -- the data a run trains on ------------------------------------------------------------------------
+
+def dataset_as_trained(dataset: Dataset, config) -> NoisyData:
+    """``dataset`` as ``config`` trains on it: its noise applied, its normalisation resolved.
+
+    Returns :class:`hpa.experiments.noise.NoisyData`, whose dataset's ``mean`` and ``std`` are
+    the per-channel values the network's input is normalised with (``recipe.pixels``).  Labels are
+    corrupted on the training part of the seeded validation split only; pixels as ``config.noise``
+    says.  Deterministic, so a resumed run (or ``hpa reinit``) rebuilds exactly the data the run saw.
+    """
+    train_index, _ = stratified_split(dataset.train_labels, config.recipe.validation, config.seed)
+    seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed
+    noisy = corrupt_dataset(dataset, config.noise, train_index, seed)
+    mean, std = pixel_normalisation(dataset, config.recipe.pixels, train_index)
+    return dataclasses.replace(noisy, dataset=dataclasses.replace(noisy.dataset, mean=mean, std=std))
+
+
+def pixel_normalisation(dataset, pixels: str, train_index) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, in the [0, 1] scale of the stored pixels, for ``pixels`` (types.PIXELS).
+
+    "standardised" measures the stored images of the training part (the validation images are
+    held out of it); the clean images, so a corruption that keeps the channel moments keeps them.
+    """
+    if pixels == "symmetric":
+        return (0.5,), (0.5,)
+    if pixels == "unit":
+        return (0.0,), (1.0,)
+    if pixels == "dataset":
+        return tuple(map(float, dataset.mean)), tuple(map(float, dataset.std))
+    scale = 1 / 255 if dataset.train_images.dtype.name == "uint8" else 1.0
+    mean, std = channel_moments(dataset.train_images[train_index])
+    if not all(value > 0 for value in std):
+        raise OptionError("--pixels standardised needs pixels that vary in every channel, but a channel of the "
+                          "training images is constant; choose --pixels symmetric or unit")
+    return tuple(float(m * scale) for m in mean), tuple(float(v * scale) for v in std)

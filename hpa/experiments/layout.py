@@ -24,7 +24,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hpa.result import layer_rows
+
 RUN_JSON = "run.json"
+RUN_FORMAT = 1  # run.json's "format"
 GRAPH_JSON = "graph.json"
 METRICS = "metrics.jsonl"
 STATE = "state/last.pt"
@@ -95,3 +98,13 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def series_rows_of(epoch: int, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The series.csv rows of one epoch's scan result (its ``to_dict()``, as stats/ holds it).
+
+    A row holds the statistics' values only (``NAME.value``, as ``layer_rows`` names them); the
+    layers' structure is in graph.json.
+    """
+    return [{"epoch": epoch, "layer": row["name"], **{k: v for k, v in row.items() if "." in k}}
+            for row in layer_rows(result)]

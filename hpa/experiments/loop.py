@@ -18,11 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpa.experiments.data import DeviceData, Split, augment_draws, generator, shift_and_flip, stream_seed
+from hpa.experiments.augment import epoch_draws, training_inputs
+from hpa.experiments.data import DeviceData, Normalisation, Split
+from hpa.experiments.rng import stream_seed
 from hpa.experiments.types import Recipe
 
 EVAL_BATCH = 1000
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def memory_format(device: torch.device, precision: str = "fp32") -> torch.memory_format:
@@ -106,17 +107,13 @@ def train_one_epoch(model, optimizer, data: DeviceData, recipe: Recipe, seed: in
     for group in optimizer.param_groups:
         group["lr"] = recipe.lr_at(epoch)
     torch.manual_seed(stream_seed(seed, "dropout", epoch))  # the caller forks the global RNG
-    augment_gen = generator(seed, "augment", epoch)
+    draws = epoch_draws(seed, epoch)
     model.train()
     fmt = memory_format(data.device, precision)
     total_loss = torch.zeros((), dtype=torch.float64, device=data.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.device)
     for batch in data.train_batches(seed, epoch, recipe.batch_size):
-        # Every process draws the global batch's augmentation and keeps its rows.
-        draws = [d[batch.part] for d in augment_draws(batch.total, recipe.shift, recipe.flip, augment_gen)]
-        # The stored pixels in [0, 1]; shifted and flipped; then the pixel noise that follows augmentation.
-        raw = shift_and_flip(batch.images.float() * data.scale, recipe.shift, draws)
-        inputs = data.standardise(data.permute_pixels(raw, batch.index)).contiguous(memory_format=fmt)
+        inputs = training_inputs(data, batch, recipe, draws).contiguous(memory_format=fmt)
         optimizer.zero_grad(set_to_none=True)
         with precision_mode(precision, data.device):
             logits = model(inputs)
@@ -143,20 +140,33 @@ def _batch_loss(logits, batch, world):
 
 
 @torch.no_grad()
-def evaluate(model, data: DeviceData, split: Split, prefix: str, precision: str = "fp32") -> dict[str, Any]:
-    """``{prefix}_loss`` and ``{prefix}_accuracy`` of ``model`` in eval mode on ``split`` (None when empty)."""
+def evaluate(model, split: Split, normalisation: Normalisation, precision: str | None = "fp32",
+             batch_size: int = EVAL_BATCH) -> tuple[float | None, float | None]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``split``; (None, None) when it is empty.
+
+    The one evaluation pass, of the trainer and of ``hpa reinit``: batches of ``batch_size`` stored
+    images, each normalised (:class:`~hpa.experiments.data.Normalisation`), losses summed in float64.
+    ``precision`` None runs under torch's global settings as they are (``hpa reinit``).
+    """
     if len(split) == 0:
-        return {f"{prefix}_loss": None, f"{prefix}_accuracy": None}
+        return None, None
     model.eval()
-    fmt = memory_format(data.device, precision)
-    total_loss = torch.zeros((), dtype=torch.float64, device=data.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.device)
-    for start in range(0, len(split), EVAL_BATCH):
-        images = data.normalise(split.images[start:start + EVAL_BATCH]).contiguous(memory_format=fmt)
-        labels = split.labels[start:start + EVAL_BATCH]
-        with precision_mode(precision, data.device):
+    device = split.labels.device
+    fmt = torch.contiguous_format if precision is None else memory_format(device, precision)
+    mode = contextlib.nullcontext if precision is None else (lambda: precision_mode(precision, device))
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(split), batch_size):
+        images = normalisation(split.images[start:start + batch_size]).contiguous(memory_format=fmt)
+        labels = split.labels[start:start + batch_size]
+        with mode():
             logits = model(images).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").double()
         correct += (logits.argmax(1) == labels).sum()
-    return {f"{prefix}_loss": float(total_loss.item()) / len(split),
-            f"{prefix}_accuracy": int(correct.item()) / len(split)}
+    return float(total_loss.item()) / len(split), int(correct.item()) / len(split)
+
+
+def evaluate_split(model, data: DeviceData, split: Split, prefix: str, precision: str = "fp32") -> dict[str, Any]:
+    """``{prefix}_loss`` and ``{prefix}_accuracy`` of ``model`` on one of ``data``'s splits (metrics.jsonl's)."""
+    loss, accuracy = evaluate(model, split, data.normalisation, precision)
+    return {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}

@@ -20,14 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from hpa.experiments.rng import noise_generator
 from hpa.experiments.types import LABEL_NOISE_MODES, Dataset, Noise
-_STREAMS = {"labels": 1, "shuffle_pixels": 2, "random_pixels": 3, "gaussian": 4}
+
 _CHUNK = 4096  # images per block when drawing per-image permutations (bounds memory)
 
-
-def generator(seed: int, stream: str, split: int = 0) -> np.random.Generator:
-    """The random stream of one kind of noise (and one split, for per-image draws)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _STREAMS[stream], int(split)]))
 
 
 def corrupt_labels(labels: np.ndarray, probability: float, num_classes: int, seed: int,
@@ -43,7 +40,7 @@ def corrupt_labels(labels: np.ndarray, probability: float, num_classes: int, see
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"label noise must be a probability in [0, 1], not {probability}")
     labels = np.asarray(labels, dtype=np.int64)
-    rng = generator(seed, "labels")
+    rng = noise_generator(seed, "labels")
     hit = rng.random(labels.shape[0]) < probability
     if mode == "uniform":
         drawn = rng.integers(0, num_classes, size=labels.shape[0])
@@ -56,7 +53,7 @@ def corrupt_labels(labels: np.ndarray, probability: float, num_classes: int, see
 
 def shuffle_order(size: int, seed: int) -> np.ndarray:
     """The one permutation of ``size`` pixel positions that ``shuffle_pixels`` applies (output j reads ``order[j]``)."""
-    return generator(seed, "shuffle_pixels").permutation(size)
+    return noise_generator(seed, "shuffle_pixels").permutation(size)
 
 
 def shuffle_pixels(images: np.ndarray, seed: int) -> np.ndarray:
@@ -75,7 +72,7 @@ def pixel_orders(count: int, size: int, seed: int, split: int = 0) -> np.ndarray
     Row ``i`` depends only on (seed, split, i), so corrupting some images of a split never changes
     the permutation of the others.  int16 where it fits (a CIFAR training split: 92 MB).
     """
-    rng = generator(seed, "random_pixels", split)
+    rng = noise_generator(seed, "random_pixels", split)
     dtype = np.int16 if size <= np.iinfo(np.int16).max else np.int32
     out = np.empty((count, size), dtype=dtype)
     for start in range(0, count, _CHUNK):
@@ -131,7 +128,7 @@ def channel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def gaussian_images(shape: tuple[int, ...], mean: np.ndarray, std: np.ndarray, seed: int,
                     split: int = 0) -> np.ndarray:
     """Images of Gaussian noise with the given per-channel mean and std, as float32."""
-    rng = generator(seed, "gaussian", split)
+    rng = noise_generator(seed, "gaussian", split)
     noise = rng.standard_normal(shape, dtype=np.float32)
     per_channel = (1, -1) + (1,) * (len(shape) - 2)
     return noise * np.asarray(std, np.float32).reshape(per_channel) + np.asarray(mean, np.float32).reshape(per_channel)

@@ -30,7 +30,13 @@ from typing import Any, Iterator
 
 from hpa.errors import HpaError, HpaWarning, LoadError, OptionError
 from hpa.experiments.layout import (FINISHED, GRAPH_JSON, METRICS, RUN_JSON, SEEDS_JSON, SERIES, SNAPSHOTS, STATE,
-                                    finite_number, seed_folder, seed_folders, snapshot_name, stats_name)
+                                    finite_number, seed_folder, seed_folders, series_rows_of, snapshot_name,
+                                    stats_name)
+from hpa.files import atomic_write_text
+from hpa.graph import ConvGraph, Layer, Skipped
+from hpa.plugins import registries
+from hpa.render import series, style
+from hpa.render.series import RunSeries, decay_epochs, pixels_text, schedule_text
 
 # Keys of run.json that every reader relies on.
 _CONFIG_KEYS = ("task", "arch", "seed", "recipe", "snapshot_every", "device")
@@ -302,8 +308,6 @@ class RunFolder:
 
         A damaged stats file raises, or with ``skip_damaged`` leaves its epoch out (to be recomputed).
         """
-        from hpa.experiments.stats import series_rows_of
-
         rows: list[dict[str, Any]] = []
         for epoch in self._analysed_epochs():
             if skip_damaged and self.stats_problem(epoch) is not None:
@@ -448,8 +452,6 @@ def read_seeds(folder: Path, repair: bool = False) -> list[int] | None:
         raise RunFolderError(f"{path} {problem}, and no seed-N folder holds a run; restore it from a backup")
     shown = ", ".join(map(str, seeds))
     if repair:
-        from hpa.files import atomic_write_text
-
         atomic_write_text(path, json.dumps({"seeds": seeds}) + "\n")
         warn(f"{path} {problem}; rewrote it from the seed-N folders and their command line: seeds {shown}")
     else:
@@ -569,7 +571,7 @@ class Run:
         """The ConvGraph of the snapshot of ``epoch``, rebound to the run's traced structure."""
         from safetensors import safe_open
 
-        from hpa.rebind import rebind
+        from hpa.rebind import rebind  # here, not at the top: rebind imports numpy
 
         reader = self.reader(seed)
         structure = reader.structure()
@@ -591,8 +593,6 @@ class Run:
 
     def run_series(self):
         """The run's values over epochs as :class:`hpa.render.series.RunSeries` (what plot_series gets)."""
-        from hpa.render.series import RunSeries, decay_epochs, pixels_text, schedule_text
-
         metrics = self._metric_rows()
         config = self.record["config"]
         recipe = config.get("recipe", {})
@@ -612,9 +612,6 @@ class Run:
     def plot(self, out: str | os.PathLike | None = None, format: str = "png", *, dpi: float | None = None,
              layers: str | None = None) -> list[Path]:
         """Write the figures over epochs into ``out`` (default: the run's ``figures/``); returns the files."""
-        from hpa.plugins import registries
-        from hpa.render import series, style
-
         folder = Path(out).expanduser() if out is not None else self.path / "figures"
         options = style.FigureOptions(format=format, dpi=dpi, layers=layers)
         statistics = {s.name: s for s in registries()["statistics"].items()}
@@ -658,8 +655,6 @@ class Run:
 
 def structure_from_record(record: dict[str, Any]):
     """A ConvGraph of graph.json's layers, ready for :func:`hpa.rebind` (placeholder weights, no memory)."""
-    from hpa.graph import ConvGraph, Layer, Skipped
-
     layers = [Layer.from_attributes(entry) for entry in record["layers"]]
     skipped = [Skipped(s["name"], s["reason"], s.get("statistic")) for s in record.get("skipped", [])]
     shape = tuple(record.get("input_shape") or ()) or None

@@ -14,6 +14,7 @@ with ``reset_bn``, the BatchNorm folded into it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,14 +24,29 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import hpa
+from hpa.backends.torch_files import read_state_dict
 from hpa.errors import LoadError, OptionError, ReinitError, suggest
+from hpa.experiments.config import config_from_record, get_task, resolve_device
+from hpa.experiments.data import Normalisation, Split, dataset_as_trained
+from hpa.experiments.layout import RUN_JSON, seed_folder
+from hpa.experiments.loop import EVAL_BATCH, evaluate
+from hpa.experiments.model import build_model, initialise
+from hpa.experiments.open_run import RunFolder, read_seeds
+from hpa.files import atomic_directory, check_model_file, check_output_dir
+from hpa.rebind import rebind
+from hpa.render.reinit import plot_reinit
+from hpa.render.style import FigureOptions, drawing
 
 #: The roles of a layer's own tensors, and those of the BatchNorm folded into it (``reset_bn``).
 LAYER_ROLES = ("weight", "bias", "channel_bias")
 BN_ROLES = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
 #: What a freshly built BatchNorm holds (``nn.BatchNorm*.reset_parameters``), per role.
 _FRESH_BN = {"bn.weight": 1.0, "bn.bias": 0.0, "bn.running_mean": 0.0, "bn.running_var": 1.0}
-EVAL_BATCH = 1000
 
 
 # -- what is measured ----------------------------------------------------------------------------
@@ -50,15 +66,6 @@ class _Subject:
     init_std: float = 0.01  # the std of init "normal"
 
 
-@dataclass
-class _TestSplit:
-    images: Any  # (N, C, H, W) float32 on the device, normalised once
-    labels: Any  # (N,) int64 on the device
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
 def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, layers: list[str] | None = None,
            with_linear: bool = False, rerandomize: bool = False, draws: int = 1, reset_bn: bool = False,
            device: str = "cpu", weights: str | None = None, plugin: str | None = None,
@@ -75,8 +82,6 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
     ``draws`` times, seeded; the cells then have epoch None.  ``reset_bn``: reset the
     BatchNorm folded into the layer as well.  Raises ReinitError / OptionError for bad input.
     """
-    import torch
-
     if draws < 1:
         raise OptionError(f"--draws must be a positive number of draws, not {draws}")
     if rerandomize and epochs is not None:
@@ -101,10 +106,6 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
 
 
 def _device(name: str):
-    import torch
-
-    from hpa.experiments.train import resolve_device
-
     return torch.device(resolve_device(name))
 
 
@@ -123,8 +124,6 @@ def parse_epochs(text: str | None) -> list[int] | None:
 
 def result_folder(run_or_spec, out) -> Path:
     """``out``, else ``RUN_DIR/reinit`` for a run folder; checked before anything expensive runs."""
-    from hpa.files import check_output_dir
-
     if out is None:
         if not Path(run_or_spec).expanduser().is_dir():
             raise OptionError(f"{run_or_spec} is not a folder, so there is no default result folder; give an "
@@ -155,9 +154,6 @@ def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None) 
 
 def _run_readers(path: Path) -> list:
     """The checked reader (open_run.RunFolder) of each run in ``path``: the run, or each seed of a --seeds folder."""
-    from hpa.experiments.layout import RUN_JSON, seed_folder
-    from hpa.experiments.open_run import RunFolder, read_seeds
-
     seeds = read_seeds(path)
     if seeds is not None:
         missing = [f"seed-{s}" for s in seeds if not (seed_folder(path, s) / RUN_JSON).is_file()]
@@ -191,10 +187,6 @@ def _run_folders(path: Path, epochs: list[int] | None = None) -> list[Path]:
 
 
 def _subject_from_run(folder: Path, device, data) -> _Subject:
-    from hpa.experiments.model import build_model
-    from hpa.experiments.open_run import RunFolder
-    from hpa.experiments.train import config_from_record, get_task
-
     reader = RunFolder.open(folder)  # checked by _run_folders, as are the snapshots
     record = reader.record()
     saved = reader.snapshots()
@@ -213,16 +205,11 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
 
 def _as_trained(dataset, record: dict):
     """The dataset as the run saw it (its recorded noise applied); only the test split's pixels matter here."""
-    from hpa.experiments.train import config_from_record, dataset_as_trained
-
     return dataset_as_trained(dataset, config_from_record(record)).dataset
 
 
 def _subject_from_spec(spec: str, weights, plugin: str, data, seed: int, device) -> _Subject:
     """A model file against a fresh seeded init of its architecture (the only checkpoint, epoch 0)."""
-    from hpa.experiments.model import build_model
-    from hpa.experiments.train import get_task
-
     if weights is None or str(weights).lower() == "none":
         raise OptionError(f"give the trained weights of {spec} with --weights FILE; the reference "
                           "checkpoint is a fresh init")
@@ -240,14 +227,6 @@ def _with_weights(fresh, weights) -> Any:
 
     Loaded here rather than through the loader's ``build``, whose contract is a fresh module.
     """
-    import copy
-
-    import numpy as np
-    import torch
-
-    from hpa.backends.torch_files import read_state_dict
-    from hpa.files import check_model_file
-
     path = check_model_file(weights, "--weights")
     state = read_state_dict(path)
     model = copy.deepcopy(fresh)
@@ -257,8 +236,6 @@ def _with_weights(fresh, weights) -> Any:
 
 
 def _read_snapshot(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a damaged header or body
@@ -299,7 +276,7 @@ class _Sweep:
 
     def run(self, progress, with_label: bool) -> list[dict[str, Any]]:
         self.subject.model.eval()
-        accuracy, loss = evaluate(self.subject.model, self.test, self.batch_size)
+        accuracy, loss = _evaluate(self.subject.model, self.test, self.batch_size)
         self.trained = {"accuracy": accuracy, "loss": loss}
         columns = ["random"] if self.rerandomize else self.epochs
         total = len(columns) * len(self.layers)
@@ -348,11 +325,6 @@ class _Sweep:
 
     def _fresh_tensors(self, layer, index: int, draw: int) -> dict:
         """``layer`` drawn fresh from the architecture's initialiser; seeded by (run seed, --seed, layer, draw)."""
-        import copy
-
-        import numpy as np
-        import torch
-
         keys = self.layer_keys(layer)
         owner_path = keys["weight"].rsplit(".", 1)[0]
         owner = copy.deepcopy(self.subject.model.get_submodule(owner_path))
@@ -374,7 +346,7 @@ class _Sweep:
         for key, value in tensors.items():
             self.live[key].copy_(value)
         try:
-            return evaluate(self.subject.model, self.test, self.batch_size)
+            return _evaluate(self.subject.model, self.test, self.batch_size)
         finally:
             for key in tensors:
                 self.live[key].copy_(self.trained_tensors[key])
@@ -387,9 +359,6 @@ class _Sweep:
 
     def final_n_l(self) -> dict[str, float | None]:
         """Each chosen layer's n_l in the trained model, from the projection statistic on its rebound graph."""
-        import hpa
-        from hpa.rebind import rebind
-
         state = {key: value.detach().cpu() for key, value in self.live.items()}
         try:
             graph = rebind(self.subject.structure, state)
@@ -405,8 +374,6 @@ class _Sweep:
 def _initialise(module, init: str, seed: int, std: float) -> None:
     """What the trainer did to this layer at epoch 0 (recipe ``init``); "default": its own reset_parameters()."""
     if init != "default":
-        from hpa.experiments.model import initialise
-
         initialise(module, init, seed, std)
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
@@ -443,43 +410,20 @@ def _choose_epochs(subject: _Subject, epochs: list[int] | None) -> list[int]:
     return sorted(set(epochs))
 
 
-def _test_split(dataset, task: str, device) -> _TestSplit:
-    """The task's test split on the device, normalised once (the trainer's normalisation)."""
-    import numpy as np
-    import torch
-
+def _test_split(dataset, task: str, device):
+    """(the task's test split on the device, the trainer's normalisation of it)."""
     if dataset.test_labels is None or len(dataset.test_labels) == 0:
         raise ReinitError(f"the {task} task has no test split to evaluate on; use a task with test images")
     images = torch.from_numpy(np.ascontiguousarray(dataset.test_images)).to(device)
-    scale = 1 / 255 if dataset.test_images.dtype == np.uint8 else 1.0
-    channels = images.shape[1]
-    mean = _per_channel(dataset.mean, channels, device)
-    std = _per_channel(dataset.std, channels, device)
     labels = torch.from_numpy(np.asarray(dataset.test_labels, dtype=np.int64)).to(device)
-    return _TestSplit(images=(images.float() * scale - mean) / std, labels=labels)
+    return Split(images, labels), Normalisation(dataset, device, images=dataset.test_images)
 
 
-def _per_channel(values, channels: int, device):
-    import torch
-
-    values = tuple(float(v) for v in values)
-    values = values * channels if len(values) == 1 else values
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, channels, 1, 1)
-
-
-def evaluate(model, split: _TestSplit, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` (already in eval mode) on ``split``; one pass, batched."""
-    import torch
-    import torch.nn.functional as F
-
-    total = torch.zeros((), dtype=torch.float64, device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.labels.device)
-    for start in range(0, len(split), batch_size):
-        logits = model(split.images[start:start + batch_size])
-        labels = split.labels[start:start + batch_size]
-        total += F.cross_entropy(logits, labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-    return int(correct.item()) / len(split), float(total.item()) / len(split)
+def _evaluate(model, test, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``test``: the trainer's evaluation pass, at torch's
+    global precision settings as they are."""
+    loss, accuracy = evaluate(model, *test, precision=None, batch_size=batch_size)
+    return accuracy, loss
 
 
 def _mean(values: list[float]) -> float:
@@ -520,8 +464,6 @@ class ReinitResult:
 
     def heatmap(self, seed: str | None = None, value: str = "relative_drop"):
         """(epochs x layers) numpy array of ``value`` for one seed, or the mean over seeds when None."""
-        import numpy as np
-
         layers, epochs = self.layers(), self.epochs()
         seeds = [seed] if seed is not None else self.seeds
         grid = np.full((len(seeds), len(epochs), len(layers)), np.nan)
@@ -577,17 +519,12 @@ class ReinitResult:
 
     def plot(self, folder: str | os.PathLike, fmt: str = "png") -> list[Path]:
         """Heatmaps (one per seed, and their mean with several) and the n_l-vs-criticality figure."""
-        from hpa.render.reinit import plot_reinit
-        from hpa.render.style import FigureOptions, drawing
-
         Path(folder).mkdir(parents=True, exist_ok=True)
         with drawing(FigureOptions(format=fmt)):
             return plot_reinit(self, Path(folder), fmt)
 
     def save(self, folder: str | os.PathLike, fmt: str = "png") -> Path:
         """Write reinit.json, reinit.csv and the figures into the new or hpa-written ``folder``, atomically."""
-        from hpa.files import atomic_directory
-
         with atomic_directory(folder) as staging:
             (staging / "reinit.json").write_text(self.to_json() + "\n")
             self.to_pandas().to_csv(staging / "reinit.csv", index=False)

@@ -28,8 +28,9 @@ from typing import Any
 from hpa.errors import HpaError, LoadError
 from hpa.experiments.layout import (GRAPH_JSON, METRICS, RUN_JSON, SEEDS_JSON, SNAPSHOTS, STATE, snapshot_files,
                                     snapshot_name)
-from hpa.experiments.open_run import RunFolder, warn
-from hpa.files import atomic_write_bytes, atomic_write_text
+from hpa.experiments.open_run import RunFolder, _FIX_METRICS, warn
+from hpa.experiments.stats import plan_statistics_repair
+from hpa.files import atomic_write_bytes, atomic_write_text, check_output_dir
 
 __all__ = ["GRAPH_JSON", "METRICS", "RUN_JSON", "SNAPSHOTS", "STATE", "ResumeRepair", "RunDir", "snapshot_name"]
 
@@ -54,7 +55,6 @@ class RunDir:
         if entries:
             raise HpaError(f"the run folder {path} is not empty and is not an hpa run: it holds {entries[0]}; "
                            "choose a new --out (nothing was changed)")
-        from hpa.files import check_output_dir
 
         check_output_dir(path, what="run folder")  # impossible places: under a file, /proc, the cwd, read-only
         return path
@@ -167,9 +167,6 @@ class RunDir:
         ``initial_state``: the model's state_dict as built for this run (its epoch 0).  Raises a
         RunFolderError naming the first file that cannot be made again, and the fix.
         """
-        from hpa.experiments.open_run import _FIX_METRICS
-        from hpa.experiments.stats import plan_statistics_repair
-
         done = int(state["epoch"])
         lines = reader.metrics()
         if done >= len(lines):

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from hpa.errors import HpaError, OptionError
+from hpa.errors import HpaError, OptionError, TrainingInterrupted
 from hpa.experiments.layout import (RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, csv_text, finite_number,
-                                    seed_folder)
+                                    seed_folder, seed_folders)
+from hpa.experiments.open_run import RunFolder, open_run, read_seeds, warn
+from hpa.experiments.run import RunDir
 from hpa.files import atomic_write_text
 
 __all__ = ["SEEDS_JSON", "ONE_PROCESS", "is_multi_seed", "parse_seeds", "resume_seeds", "train_seeds",
@@ -41,16 +43,13 @@ def parse_seeds(text: str) -> list[int]:
 
 def is_multi_seed(folder: str | Path) -> bool:
     """True for a ``--seeds`` folder, also one whose seeds.json is missing (its seed-N folders tell)."""
-    from hpa.experiments.layout import seed_folders
-
     folder = Path(folder).expanduser()
     return (folder / SEEDS_JSON).exists() or (not (folder / RUN_JSON).exists() and bool(seed_folders(folder)))
 
 
 def train_seeds(seeds: list[int], out: str | Path, **options: Any) -> Path:
     """Train one run per seed into ``out/seed-N`` and write the summary; returns ``out``."""
-    from hpa.experiments.run import RunDir
-    from hpa.experiments.train import train
+    from hpa.experiments.train import train  # here, not at the top: it imports torch; the summary needs none
 
     _refuse_several_processes()
     options = {k: v for k, v in options.items() if k not in ("seed", "resume")}
@@ -66,8 +65,7 @@ def train_seeds(seeds: list[int], out: str | Path, **options: Any) -> Path:
 
 def resume_seeds(folder: str | Path, **given: Any) -> Path:
     """Continue every seed's run in ``folder`` (starting those never started), then rewrite the summary."""
-    from hpa.experiments.open_run import RunFolder, read_seeds
-    from hpa.experiments.train import train
+    from hpa.experiments.train import train  # here, not at the top: it imports torch; the summary needs none
 
     _refuse_several_processes()
     given = {k: v for k, v in given.items() if k not in ("out", "resume")}
@@ -107,16 +105,12 @@ class _interrupted_in:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        from hpa.experiments.train import TrainingInterrupted
-
         if isinstance(exc, TrainingInterrupted):
             raise TrainingInterrupted.of(self.out) from None
         return False
 
 
 def _recorded_options(folder: Path) -> dict[str, Any]:
-    from hpa.experiments.open_run import RunFolder
-
     record = RunFolder(folder).record()
     config = record["config"]
     return {"task": config["task"], "arch": config["arch"], "device": config["device"],
@@ -136,8 +130,6 @@ def write_summary(out: Path, seeds: list[int]) -> None:
 
     Both summaries are made of the seeds' files alone; one found damaged is said to be rewritten.
     """
-    from hpa.experiments.open_run import RunFolder, warn
-
     readers = {seed: RunFolder(seed_folder(out, seed), resume_target=out) for seed in seeds}
     rows = {seed: reader.series_rows() for seed, reader in readers.items() if (reader.path / RUN_JSON).exists()}
     metrics = {seed: [{k: v for k, v in line.items() if k not in ("snapshot", "snapshot_sha256")}
@@ -174,8 +166,6 @@ def _unreadable(path: Path) -> bool:
 
 def _write_figures(out: Path) -> None:
     """OUT/figures/: each curve's mean over the seeds with a ±1 std band (Gamba et al. 2020 Fig. 7)."""
-    from hpa.experiments.open_run import open_run
-
     open_run(out).plot()
 
 

@@ -17,23 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hpa.errors import LoadError, OptionError
-from hpa.experiments.layout import FINISHED, SERIES, csv_text, finite_number, snapshot_name, stats_name
+import hpa
+from hpa.errors import LoadError
+from hpa.experiments.layout import FINISHED, SERIES, csv_text, series_rows_of, snapshot_name, stats_name
+from hpa.experiments.open_run import RunFolder, RunFolderError
 from hpa.files import atomic_write_text
-
-__all__ = ["SERIES", "EpochStatistics", "analyse_run", "finite_number", "series_rows_of"]
-_csv = csv_text  # the name seeds.py and older callers import
-
-def series_rows_of(epoch: int, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The series.csv rows of one epoch's scan result (its ``to_dict()``, as stats/ holds it).
-
-    A row holds the statistics' values only (``NAME.value``, as ``layer_rows`` names them); the
-    layers' structure is in graph.json.
-    """
-    from hpa.result import layer_rows
-
-    return [{"epoch": epoch, "layer": row["name"], **{k: v for k, v in row.items() if "." in k}}
-            for row in layer_rows(result)]
+from hpa.plugins import registries
 
 
 class EpochStatistics:
@@ -46,15 +35,11 @@ class EpochStatistics:
 
     def resume(self, done: int, rows: list[dict[str, Any]] | None = None) -> None:
         """Reload epoch 0 and the series rows of epochs up to ``done`` (``rows``: series.csv's, checked)."""
-        from hpa.experiments.open_run import RunFolder
-
         self.init = self._graph(self.folder / snapshot_name(0))
         rows = RunFolder(self.folder).series_file_rows() if rows is None else rows
         self.rows = [row for row in rows if int(row["epoch"]) <= done]
 
     def record(self, epoch: int, snapshot: Path) -> None:
-        import hpa
-
         if not self.statistics:
             return
         graph = self._graph(snapshot)
@@ -72,7 +57,7 @@ class EpochStatistics:
         """The snapshot as a ConvGraph: rebound to the traced structure (numpy only) when possible."""
         from safetensors.numpy import load_file
 
-        from hpa.rebind import rebind
+        from hpa.rebind import rebind  # here, not at the top: rebind imports numpy
 
         state = load_file(str(snapshot))
         try:
@@ -122,8 +107,6 @@ class StatisticsRepair:
 
     def _write_finished(self, warn: Callable[[str], None]) -> None:
         """finished.jsonl of the epochs whose statistics are all there, timed by their stats files."""
-        from hpa.experiments.open_run import RunFolder
-
         reader = RunFolder(self.reader.path)
         path = reader.path / FINISHED
         wanted = set(reader.record()["config"].get("statistics", []))
@@ -145,9 +128,6 @@ def plan_statistics_repair(reader, epochs: list[int], also: tuple[str, ...] = ()
     ``also``: statistics to compute for a recomputed epoch besides those it held (analyse-run's).
     Raises a RunFolderError when a damaged file needs a statistic that is not installed.
     """
-    from hpa.experiments.open_run import RunFolderError
-    from hpa.plugins import registries
-
     series = reader.series_problem()
     rows = reader.series_from_stats(skip_damaged=True) if series else reader.series_file_rows()
     plan = StatisticsRepair(reader, list(epochs), rows, series=series, finished=reader.finished_problem())
@@ -168,80 +148,9 @@ def plan_statistics_repair(reader, epochs: list[int], also: tuple[str, ...] = ()
 
 # -- hpa analyse-run ----------------------------------------------------------------------------------
 
-def analyse_run(folder: str | Path, statistics: list[str] | tuple[str, ...],
-                progress: Callable[[str], None] | None = None) -> dict[str, list[int]]:
-    """Run ``statistics`` over every saved snapshot of a run (or of each seed), skipping epochs done.
-
-    An epoch is done when its ``stats/epoch-NNN.json`` already holds every one of
-    ``statistics``; otherwise it is analysed again with those and the statistics it
-    already had, so each stats file stays one coherent result.  Every file read is
-    checked first, for every seed, before anything is written: a damaged snapshot or
-    graph.json is refused (RunFolderError, naming the fix); a damaged stats file is
-    recomputed with every statistic it held, series.csv made again from stats/.
-    ``stats/`` and ``series.csv`` are rewritten atomically after each epoch (a kill
-    loses at most the epoch in hand), then a ``--seeds`` summary and the figures.
-    Returns ``{"analysed": [...], "already_done": [...]}`` (epochs, over all seeds).
-    """
-    from hpa.experiments.open_run import open_run, read_seeds, warn
-    from hpa.experiments.train import _check_statistics
-
-    statistics = tuple(dict.fromkeys(statistics))
-    if not statistics:
-        raise OptionError("name a statistic with --stat (hpa plugins lists them)")
-    _check_statistics(statistics)
-    read_seeds(Path(folder).expanduser(), repair=True)  # a --seeds folder's damaged seeds.json: made again
-    run = open_run(folder)
-    plans = {seed: _plan_seed(run.reader(seed), statistics) for seed in run.seeds}  # all checks first
-    report: dict[str, list[int]] = {"analysed": [], "already_done": []}
-    for seed, (structure, repair, todo) in plans.items():
-        repair.apply(structure, None, warn)
-        report["analysed"] += sorted(repair.stats)
-        _analyse_seed(run, seed, structure, todo, set(repair.stats), report, progress or (lambda line: None))
-    if len(run.seeds) > 1:
-        from hpa.experiments.seeds import write_summary
-
-        write_summary(run.path, run.seeds)
-    run.plot()
-    return report
-
-
-def _plan_seed(reader, statistics: tuple[str, ...]):
-    """(structure, the repair of its statistics files, epoch -> statistics to run) of one run folder."""
-    snapshots = reader.snapshot_epochs()
-    if 0 not in snapshots:
-        raise LoadError(f"{reader.path} has no snapshot of epoch 0 (the initialisation statistics compare with)")
-    for epoch in snapshots:
-        reader.check_snapshot(epoch)  # missing or damaged: refused, naming the fix
-    structure = reader.structure()
-    repair = plan_statistics_repair(reader, snapshots, also=statistics)
-    todo = {}
-    for epoch in snapshots:
-        held = reader.statistics_of(epoch)
-        if epoch not in repair.stats and not set(statistics) <= held:
-            todo[epoch] = tuple(dict.fromkeys(statistics + tuple(sorted(held))))
-    return structure, repair, todo
-
-
-def _analyse_seed(run, seed: int, structure, todo: dict[int, tuple[str, ...]], repaired: set[int], report,
-                  progress) -> None:
-    folder = run.folders[seed]
-    snapshots = run.snapshots(seed)
-    report["already_done"] += [epoch for epoch in snapshots if epoch not in todo and epoch not in repaired]
-    if not todo:
-        return
-    worker = EpochStatistics(folder, structure, None, ())
-    worker.resume(max(snapshots))  # epoch 0 as the init, and the series rows so far
-    for epoch, names in todo.items():
-        worker.statistics = names
-        worker.record(epoch, snapshots[epoch])
-        report["analysed"].append(epoch)
-        progress(f"{folder.name if len(run.seeds) > 1 else folder}: epoch {epoch} ({', '.join(names)})")
-
 
 def _retrace(model, state, input_size):
     import torch
-
-    import hpa
 
     probe = copy.deepcopy(model).cpu()
     probe.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})

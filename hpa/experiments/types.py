@@ -5,6 +5,7 @@ architecture and a default :class:`Recipe`; its dataset function returns a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -15,6 +16,8 @@ if TYPE_CHECKING:  # numpy stays off the import path of 'hpa --help' and 'hpa pl
     import numpy as np
 
 SCHEDULES = ("constant", "step", "exponential")
+#: ``--precision``: fp32 (faithful), tf32 or bf16 change rounding only (hpa.experiments.loop).
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 #: Initialisation schemes (``--init``), each defined in one line; hpa.experiments.model draws them.
 #: Every scheme but "default" sets all biases to zero, as both papers' code did.
@@ -246,3 +249,28 @@ def named_recipe(name: str) -> NamedRecipe:
         raise OptionError(f"unknown recipe {name!r}{suggest(name, NAMED_RECIPES)}; 'hpa experiments' lists "
                           "the recipes")
     return NAMED_RECIPES[name]
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every field of ``recipe`` in range; an OptionError naming the flag otherwise."""
+    positive = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "step_epochs": recipe.step_epochs}
+    for name, value in positive.items():
+        if int(value) != value or value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+    if not recipe.lr > 0 or not math.isfinite(recipe.lr):
+        raise OptionError(f"--lr must be a positive number, not {recipe.lr}")
+    for name in ("momentum", "weight_decay"):
+        if not getattr(recipe, name) >= 0:
+            raise OptionError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(recipe, name)}")
+    if recipe.schedule not in SCHEDULES:
+        raise OptionError(f"--schedule {recipe.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
+    if recipe.init not in INIT_SCHEMES:
+        raise OptionError(f"--init {recipe.init!r} is unknown; choose from {', '.join(INIT_SCHEMES)}")
+    if not recipe.init_std > 0 or not math.isfinite(recipe.init_std):
+        raise OptionError(f"--init-std must be a positive number, not {recipe.init_std}")
+    if not 0 <= recipe.validation < 1:
+        raise OptionError(f"--validation must be a fraction in [0, 1), not {recipe.validation}")
+    if recipe.shift < 0:
+        raise OptionError(f"--shift must be zero or a positive number of pixels, not {recipe.shift}")
+    if recipe.pixels not in PIXELS:
+        raise OptionError(f"--pixels {recipe.pixels!r} is unknown; choose from {', '.join(PIXELS)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpa.render.style import COLUMN, FULL, PALETTE, new_figure, save
+from hpa.render.table import shorten_middle
 
 _ANNOTATE_MAX = 240  # cells: beyond this the numbers would be unreadable
 
@@ -52,8 +53,6 @@ def _heatmap(result, grid, label: str, low: float, high: float):
 
 def _layer_ticks(axes, positions, layers: list[str], most_named: int = 16) -> None:
     """Layer names under the axis when they fit, else indices (the names are in reinit.csv)."""
-    from hpa.render.table import shorten_middle
-
     if len(layers) <= most_named:
         axes.set_xticks(list(positions), [shorten_middle(name, 14) for name in layers], rotation=40, ha="right")
         axes.set_xlabel("layer")
@@ -94,7 +93,6 @@ def _criticality(result):
                        f"$|n_l - 0.5|$ {_rho(spearman['bias'])}")
     points = [(abs(v - 0.5), d, i) for v, d, i in zip(n_l, drops, positions) if v is not None and d == d]
     scatter.scatter([p[0] for p in points], [p[1] for p in points], color=PALETTE["vermillion"], s=12)
-    from hpa.render.table import shorten_middle
 
     for x, y, index in points:
         label = shorten_middle(layers[index - 1], 14) if len(layers) <= 16 else str(index)

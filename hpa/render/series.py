@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from hpa.render import style
 from hpa.errors import HpaWarning
+from hpa.render import style
 
 PANEL_HEIGHT = 1.9  # inches, one row of panels
 MARKERS_UP_TO = 40  # epochs; a longer run's markers would merge into a string of dots

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import textwrap
 from typing import Any, Iterable
+from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS
 
 WIDTH = 100  # columns the table is made to fit
 _MIN_NAME = 16  # a layer name is never shortened below this many characters
@@ -223,8 +224,7 @@ def header_line(result) -> str:
 
 def notes(result) -> list[str]:
     """Footer lines: a structure inferred from tensor names, quantized layers, a mostly non-convolutional model."""
-    from hpa.backends.state_dict import INFERRED_NOTE_KEY
-    from hpa.graph import CONV_KINDS, TRANSPOSED_KINDS
+    from hpa.backends.state_dict import INFERRED_NOTE_KEY  # here, not at the top: backends.state_dict imports numpy
 
     lines = []
     note = result.graph.source.get(INFERRED_NOTE_KEY)
