@@ -1,6 +1,7 @@
 """hpa: hyperplane-arrangement analysis of trained convolutional networks.
 
-Public API (everything else is internal)::
+Public API: the names of ``__all__`` here, in ``hpa.experiments``, ``hpa.nn`` and (for a statistic's
+figures over epochs) ``hpa.render.series``; every other module is internal::
 
     graph = hpa.load("timm:vgg19")                 # -> hpa.ConvGraph
     result = hpa.analyse(graph, init=hpa.load("timm:vgg19", weights=None))
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvGraph", "Experiment", "HpaError", "HpaWarning", "Layer", "LoadError", "LoadOptions", "Loader", "ModuleConverter",
-    "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ReinitError", "ScanResult", "Skipped", "SpecError",
+    "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ReinitError", "RunSeries", "ScanResult", "Skipped", "SpecError",
     "Statistic", "StatisticContext", "StatisticResult", "TrainingError", "UnknownOptionError", "UnsafeFileError",
     "UnsupportedModelError", "__version__", "analyse", "check_model_file", "hookimpl", "list_experiments",
     "list_loaders", "list_models", "list_statistics", "load", "module_converters", "open_run", "parse_input_size", "rebind",
@@ -50,6 +51,7 @@ _LAZY = {
     "ConvGraph": "hpa.graph", "Layer": "hpa.graph", "Skipped": "hpa.graph",
     "Loader": "hpa.registry", "LoadOptions": "hpa.options", "Statistic": "hpa.registry",
     "StatisticContext": "hpa.registry", "StatisticResult": "hpa.registry", "Experiment": "hpa.registry",
+    "RunSeries": "hpa.render.series",  # what a Statistic's plot_series receives
     "Option": "hpa.options", "ModuleConverter": "hpa.registry",
     "ScanResult": "hpa.result",
     "load": "hpa.api", "scan": "hpa.api", "analyse": "hpa.api", "list_loaders": "hpa.api",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     from hpa.graph import ConvGraph, Layer, Skipped
     from hpa.plugins import module_converters
     from hpa.rebind import rebind
+    from hpa.render.series import RunSeries
     from hpa.experiments.open_run import open_run
     from hpa.experiments.reinit import reinit
     from hpa.options import LoadOptions, Option

@@ -72,8 +72,15 @@ def load(spec: Any, *, weights: str | os.PathLike | None = "DEFAULT", input_size
     else:
         graph = loader.load(name, load_options)
         graph.source = {"spec": os.fspath(spec), "loader": loader.prefix, **graph.source}
+    graph.source.update(_load_facts(graph, load_options))
     _require_convs(graph)
     return graph
+
+
+def _load_facts(graph: ConvGraph, options: LoadOptions) -> dict[str, Any]:
+    """What every graph's source records of how it was loaded, whatever its loader: whether BatchNorm
+    was folded, and the (C, H, W) it was traced at (None where the format has none, as a state_dict)."""
+    return {"fold_bn": options.fold_bn, "input_size": None if graph.input_shape is None else list(graph.input_shape)}
 
 
 def analyse(graph: ConvGraph, *, init: Any = None, statistics: Iterable[str] | str | None = None,
@@ -390,10 +397,11 @@ def _skipped_summary(graph: ConvGraph) -> list[str]:
 
 
 def _load_module(module: Any, options: LoadOptions) -> ConvGraph:
-    from hpa.backends.torch_trace import trace_module  # here, not at the top: backends.torch_trace imports numpy
+    from hpa.backends.torch_trace import trace_module  # here, not at the top: backends.torch_trace imports torch
+
     if options.input_size is None:
         raise OptionError("a torch.nn.Module needs input_size=(C, H, W) for its dummy forward pass")
-    source = {"spec": f"<{type(module).__name__}>", "loader": "module", "fold_bn": options.fold_bn}
+    source = {"spec": f"<{type(module).__name__}>", "loader": "module"}
     return trace_module(module, options.input_size, fold_bn=options.fold_bn, source=source, seed=options.seed)
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 import warnings
+from dataclasses import fields
 from typing import Any
 
 import click
@@ -18,6 +19,7 @@ import click
 import hpa
 from hpa import __version__
 from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
+from hpa.experiments.types import FLAG_CHOICES, FLAG_METAVARS, Noise, Recipe, field_help
 from hpa.plugins import RESERVED_OPTIONS, describe_plugins, plugin_manager, registries
 
 _EXIT_BAD_INPUT = 2
@@ -329,6 +331,31 @@ def _register_plugin_commands() -> None:
 
 # -- experiments ---------------------------------------------------------------------------
 
+def _field_options(cls: type, section: str):
+    """One ``hpa train`` flag per field of the dataclass ``cls`` (Recipe, Noise): ``--field-name``, of the
+    field's type, its help the field's comment in hpa/experiments/types.py; None when not given."""
+    helps = field_help(cls)
+
+    def decorate(command):
+        for item in reversed(fields(cls)):
+            flag = "--" + item.name.replace("_", "-")
+            kind = str(item.type).split("|")[0].strip()
+            extra: dict[str, Any] = {"default": None, "help": f"{section}: {helps[item.name]}"}
+            if kind == "bool":  # --flip/--no-flip for a field that defaults to True, else a plain flag
+                names = [f"{flag}/--no-{flag[2:]}"] if item.default else [flag]
+                extra.update({} if item.default else {"is_flag": True})
+            else:
+                names = [flag]
+                extra["type"] = click.Choice(FLAG_CHOICES[item.name]) if item.name in FLAG_CHOICES else \
+                    {"int": int, "float": float, "str": str}[kind]
+                if item.name in FLAG_METAVARS:
+                    extra["metavar"] = FLAG_METAVARS[item.name]
+            command = click.option(*names, **extra)(command)
+        return command
+
+    return decorate
+
+
 @cli.command()
 @click.option("--plugin", "task", metavar="TASK", help="The training task, e.g. digits, cifar10 (hpa experiments).")
 @click.option("--arch", metavar="SPEC", help="Architecture, a loader spec such as cifar:vgg19. Default: the task's.")
@@ -340,46 +367,11 @@ def _register_plugin_commands() -> None:
 @click.option("--seeds", metavar="0,1,2", help="One run per seed in OUT/seed-N, plus a mean ± std summary.")
 @click.option("--device", help="cpu, cuda or cuda:N.  [default: cuda when present]")
 @click.option("--snapshot-every", type=int, help="Save weights every N epochs (and the last).  [default: 1]")
-@click.option("--epochs", type=int, help="Recipe: epochs.")
-@click.option("--batch-size", type=int, help="Recipe: batch size.")
-@click.option("--lr", type=float, help="Recipe: base learning rate.")
-@click.option("--momentum", type=float, help="Recipe: SGD momentum.")
-@click.option("--weight-decay", type=float, help="Recipe: weight decay.")
-@click.option("--schedule", help="Recipe: constant, step or exponential.")
-@click.option("--step-epochs", type=int, help="Recipe: epochs between step decays.")
-@click.option("--step-factor", type=float, help="Recipe: learning-rate factor at each step.")
-@click.option("--gamma", type=float, help="Recipe: per-epoch factor of the exponential schedule.")
-@click.option("--init", help="Recipe: the init scheme, one of kaiming_normal, kaiming_conv, normal, "
-              "xavier_uniform, xavier_normal, default ('hpa experiments' defines each).  [default: the "
-              "architecture's own, as its paper's code; 'hpa list-models cifar' shows it]")
-@click.option("--init-std", type=float, help="Recipe: the std of every weight under --init normal.  [default: 0.01]")
-@click.option("--pixels", help="Recipe: the network's input: dataset (the task's channel mean and std; CIFAR, "
-              "MNIST: the 2020 authors' constants), symmetric ([-1, 1], the 2020 paper's wording), unit "
-              "([0, 1], Fig. 21's CIFAR10+) or standardised (the training split's own mean and std).  "
-              "[default: dataset]")
-@click.option("--shift", type=int, help="Recipe: random shifts of up to ±N pixels (0: none).")
-@click.option("--flip/--no-flip", default=None, help="Recipe: random horizontal flips.")
-@click.option("--validation", type=float, help="Recipe: held-out fraction of the training set.")
+@_field_options(Recipe, "Recipe")
 @click.option("--recipe", "recipe_name", metavar="NAME", help="A named recipe (hpa experiments lists them); the "
               "recipe flags above override its fields.  [default: paper, the task's own]")
-@click.option("--label-noise", type=float, metavar="P", help="Noise: corrupt each training label with probability "
-              "P (validation and test labels stay clean).  [default: 0]")
-@click.option("--label-noise-mode", metavar="MODE", help="Noise: uniform (redrawn over all classes, Zhang et al. "
-              "2017) or wrong (always another class, as the code of Gamba et al. 2020 Fig. 6).  [default: uniform]")
+@_field_options(Noise, "Noise")
 @click.option("--random-labels", is_flag=True, default=None, help="Noise: the same as --label-noise 1.")
-@click.option("--shuffle-pixels", is_flag=True, default=None, help="Noise: one fixed permutation of pixel "
-              "positions, the same for every image (Zhang et al. 2017's 'shuffled pixels').")
-@click.option("--random-pixels", is_flag=True, default=None, help="Noise: an independent fixed permutation of "
-              "pixel positions for each image (Gamba et al. 2020 Fig. 20; Zhang et al.'s 'random pixels').")
-@click.option("--gaussian-images", is_flag=True, default=None, help="Noise: images replaced by Gaussian noise "
-              "with the training images' per-channel mean and std (Zhang et al. 2017's 'Gaussian').")
-@click.option("--pixel-noise-splits", type=click.Choice(["train", "all"]), default=None, help="Noise: the pixel "
-              "noise reaches the images trained on (Fig. 20) or all splits, validation and test too (Zhang et "
-              "al. 2017).  [default: train]")
-@click.option("--pixel-noise-order", type=click.Choice(["augment_then_permute", "permute_then_augment"]),
-              default=None, help="Noise: permute each augmented training image (the authors' code) or the "
-              "stored images once, before augmentation.  [default: augment_then_permute]")
-@click.option("--noise-seed", type=int, help="Noise: seed of the corruption.  [default: the run's --seed]")
 @click.option("--stat", "statistics", multiple=True,
               help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
 @click.option("--progress/--no-progress", "bars", default=None,

@@ -100,8 +100,7 @@ def load(name: str, options: LoadOptions):
     if weights.lower() != "none":
         _load_weights(model, weights, options.trust_pickle, name)
     input_size = _input_size(options)
-    source = {"weights": "none" if weights.lower() == "none" else os.fspath(weights), "seed": options.seed,
-              "input_size": list(input_size), "fold_bn": options.fold_bn}
+    source = {"weights": "none" if weights.lower() == "none" else os.fspath(weights), "seed": options.seed}
     return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed)
 
 

@@ -19,12 +19,11 @@ the real CIFAR.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
 from hpa import LoadError, hookimpl
-from hpa.experiments import Dataset, Recipe, Task
+from hpa.experiments import Dataset, Recipe, Task, data_root
 
 
 # The per-channel constants of the 2020 authors' code (magamba/hp_arrangements, data_loader.py), what
@@ -44,13 +43,6 @@ def register_experiments(register):
     register(Task(name="cifar100", dataset=lambda data, download: load_cifar("CIFAR100", data, download),
                   architecture="cifar:vgg19", input_size=(3, 32, 32), num_classes=100, recipe=Recipe(),
                   description="CIFAR-100 (torchvision python batches; 50k train, 10k test, 100 classes)"))
-
-
-def data_root(data_dir) -> Path:
-    """``--data``, else ``$HPA_DATA``, else ``~/.cache/hpa/data``."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    return Path(os.environ.get("HPA_DATA") or Path.home() / ".cache" / "hpa" / "data")
 
 
 def load_cifar(class_name: str, data_dir, download: bool) -> Dataset:

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from hpa import LoadError, hookimpl
-from hpa.experiments import Dataset, Recipe, Task
+from hpa.experiments import Dataset, Recipe, Task, data_root
 
 # 28x28 digits: ±4-pixel shifts as on CIFAR; no flips (a mirrored digit is another symbol).
 _RECIPE = Recipe(flip=False)
@@ -31,8 +31,6 @@ def register_experiments(register):
 def load_mnist(class_name: str, data_dir, download: bool) -> Dataset:
     import numpy as np
     import torchvision.datasets as tvd
-
-    from hpa_plugins.cifar_task import data_root
 
     dataset_class = getattr(tvd, class_name)
     root = data_root(data_dir)

@@ -40,6 +40,7 @@ def parse(name: str) -> tuple[Path, int | None]:
 
 
 def load(name: str, options: LoadOptions):
+    from hpa.experiments.layout import seed_folder  # here with open_run: the plugin stays light to import
     from hpa.experiments.open_run import open_run
 
     folder, epoch = parse(name)
@@ -48,7 +49,7 @@ def load(name: str, options: LoadOptions):
                           "--no-fold-bn, or scan the snapshot file with the architecture's own loader")
     run = open_run(folder)
     if len(run.seeds) > 1:
-        raise SpecError(f"{folder} holds several seeds; name one, as in run:{folder / f'seed-{run.seeds[0]}'}"
+        raise SpecError(f"{folder} holds several seeds; name one, as in run:{seed_folder(folder, run.seeds[0])}"
                         f"@{epoch if epoch is not None else 0}")
     if options.random_init:
         epoch = 0

@@ -77,7 +77,7 @@ def load(name: str, options: LoadOptions):
         model = _create_pretrained(timm, name, kwargs)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     input_size = options.input_size or tuple(cfg.get("input_size") or (3, 224, 224))
-    source.update(input_size=list(input_size), fold_bn=options.fold_bn, pretrained_tag=cfg.get("tag"))
+    source.update(pretrained_tag=cfg.get("tag"))
     return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed,
                         copy_weights=False)  # the module is ours and dropped: no copy needed
 

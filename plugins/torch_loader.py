@@ -38,7 +38,7 @@ def load(path: str, options: LoadOptions):
     from hpa.backends.torch_files import read_checkpoint
     from hpa.backends.torch_trace import to_numpy, trace_module
     checkpoint = read_checkpoint(path, options.trust_pickle, _option(options, "checkpoint_key"))
-    source = {"file": str(path), "content": checkpoint.kind, "fold_bn": options.fold_bn}
+    source = {"file": str(path), "content": checkpoint.kind}
     if checkpoint.key:
         source["checkpoint_key"] = checkpoint.key
         source["checkpoint_keys"] = list(checkpoint.keys)
@@ -53,7 +53,6 @@ def load(path: str, options: LoadOptions):
         return graph_from_torchscript(checkpoint.module, options.fold_bn, source)
     if options.input_size is None:
         raise OptionError(f"{path} holds a whole nn.Module; pass --input-size C,H,W so hpa can trace it")
-    source["input_size"] = list(options.input_size)
     return trace_module(checkpoint.module, options.input_size, fold_bn=options.fold_bn, source=source,
                         seed=options.seed, copy_weights=False)  # the unpickled module is dropped after
 

@@ -102,7 +102,6 @@ def load(name: str, options: LoadOptions):
         model = build_for_weights(lambda: _build(builder_fn, name, kwargs), state, f"{PREFIX}:{name}")
         source["weights"] = str(enum)
     input_size = options.input_size or _INPUT_SIZES.get(name, (3, 224, 224))
-    source.update(input_size=list(input_size), fold_bn=options.fold_bn)
     return trace_module(model, input_size, fold_bn=options.fold_bn, source=source, seed=options.seed,
                         copy_weights=False)  # the module is ours and dropped: no copy needed
 

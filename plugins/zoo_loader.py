@@ -61,8 +61,6 @@ def load(name: str, options: LoadOptions):
         "model": config.name,
         "weights": weights_info,
         "seed": config.seed + options.seed if options.random_init else config.seed,
-        "input_size": list(input_size),
-        "fold_bn": options.fold_bn,
         "dataset": config.dataset,
         "recipe": metadata.get("recipe"),
         "train_accuracy": metadata.get("train_accuracy"),

@@ -88,3 +88,26 @@ def test_make_set_up_shows_the_log_only_when_it_fails(tmp_path):
     assert "no matching distribution (simulated)" in out and "set-up failed" in out
     assert "no matching distribution (simulated)" in Path(f"{venv}-install.log").read_text()
     assert not (venv / ".installed").exists()
+
+
+#: The documented namespaces: each lists its public names in ``__all__`` (README, "Where things live").
+PUBLIC_NAMESPACES = ("hpa", "hpa.experiments", "hpa.nn", "hpa.render.series")
+
+
+def test_the_readme_names_only_public_names():
+    """Every ``hpa.x.y`` the README mentions is a documented namespace, or a name in one's ``__all__``."""
+    import importlib
+
+    mentioned = set(re.findall(r"\bhpa(?:\.[A-Za-z_][A-Za-z_0-9]*)+", (ROOT / "README.md").read_text()))
+    assert {"hpa.load", "hpa.experiments.Task", "hpa.RunSeries"} <= mentioned  # the reader sees these
+    internal = []
+    for name in sorted(mentioned):
+        namespace, _, attribute = name.rpartition(".")
+        if name in PUBLIC_NAMESPACES or attribute == "__all__" and namespace in PUBLIC_NAMESPACES:
+            continue
+        if namespace not in PUBLIC_NAMESPACES or attribute not in importlib.import_module(namespace).__all__:
+            internal.append(name)
+    assert not internal, f"README sends users to internal names: {internal}"
+    for namespace in PUBLIC_NAMESPACES:
+        module = importlib.import_module(namespace)
+        assert all(hasattr(module, attribute) for attribute in module.__all__), namespace

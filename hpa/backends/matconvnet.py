@@ -120,8 +120,7 @@ def load_matconvnet(path: str | os.PathLike, options: Any) -> ConvGraph:
     net = _parse(_read_mat(file), file)
     image = _input_size(options.input_size, net)
     layers, skipped, image = _build(net, image, options.fold_bn)
-    source = {"path": str(file), "format": net.format, "variant": net.variant, "net_wrapper": net.wrapped,
-              "fold_bn": options.fold_bn, "input_size": None if image is None else list(image)}
+    source = {"path": str(file), "format": net.format, "variant": net.variant, "net_wrapper": net.wrapped}
     return ConvGraph(layers, source=source, skipped=skipped, input_shape=image)
 
 

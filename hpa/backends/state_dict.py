@@ -100,7 +100,7 @@ def graph_from_state_dict(state: Mapping[str, Any], to_numpy: Callable[[Any], np
         else:
             layers[prefix] = layer
     skipped += _fold_batchnorms(layers, batchnorms, fold_bn, bn_eps, to_numpy)
-    info = {"connectivity": "unknown (bare state_dict: no model code)", "fold_bn": fold_bn,
+    info = {"connectivity": "unknown (bare state_dict: no model code)",
             INFERRED_NOTE_KEY: INFERRED_NOTE, **(source or {})}
     if batchnorms and fold_bn:
         info["bn_eps"] = bn_eps

@@ -49,8 +49,16 @@ def stats_name(epoch: int) -> str:
     return f"{STATS}/epoch-{epoch:03d}.json"
 
 
+SEED_PREFIX = "seed-"  # a --seeds folder's runs: seed-0/, seed-1/, ...
+
+
 def seed_folder(out: Path, seed: int) -> Path:
-    return Path(out) / f"seed-{seed}"
+    return Path(out) / f"{SEED_PREFIX}{seed}"
+
+
+def is_seed_folder(path: Path) -> bool:
+    """True for a ``seed-N`` folder's name (whether or not its parent is a --seeds folder)."""
+    return Path(path).name.startswith(SEED_PREFIX)
 
 
 def epoch_of(name: str, suffix: str) -> int | None:
@@ -72,8 +80,8 @@ def snapshot_files(folder: Path) -> dict[int, Path]:
 def seed_folders(out: Path) -> dict[int, Path]:
     """seed -> ``seed-N`` folder holding a run.json, of a ``--seeds`` folder."""
     found = {}
-    for path in Path(out).glob("seed-*"):
-        number = path.name[len("seed-"):]
+    for path in Path(out).glob(f"{SEED_PREFIX}*"):
+        number = path.name[len(SEED_PREFIX):]
         if number.lstrip("-").isdigit() and (path / RUN_JSON).is_file():
             found[int(number)] = path
     return dict(sorted(found.items()))

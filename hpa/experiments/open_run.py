@@ -30,8 +30,8 @@ from typing import Any, Iterator
 
 from hpa.errors import HpaError, HpaWarning, LoadError, OptionError
 from hpa.experiments.layout import (FINISHED, GRAPH_JSON, METRICS, RUN_JSON, SEEDS_JSON, SERIES, SNAPSHOTS, STATE,
-                                    finite_number, seed_folder, seed_folders, series_rows_of, snapshot_name,
-                                    stats_name)
+                                    finite_number, is_seed_folder, seed_folder, seed_folders, series_rows_of,
+                                    snapshot_name, stats_name)
 from hpa.files import atomic_write_text
 from hpa.graph import ConvGraph, Layer, Skipped
 from hpa.plugins import registries
@@ -62,7 +62,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike, resume_target: Path | None = None) -> None:
         self.path = Path(path).expanduser()
-        in_seeds = self.path.name.startswith("seed-") and (self.path.parent / SEEDS_JSON).exists()
+        in_seeds = is_seed_folder(self.path) and (self.path.parent / SEEDS_JSON).exists()
         self.resume_target = resume_target or (self.path.parent if in_seeds else self.path)
         self._record: dict[str, Any] | None = None
         self._metrics: list[dict[str, Any]] | None = None

@@ -33,7 +33,7 @@ from hpa.backends.torch_files import read_state_dict
 from hpa.errors import LoadError, OptionError, ReinitError, suggest
 from hpa.experiments.config import config_from_record, get_task, resolve_device
 from hpa.experiments.data import Normalisation, Split, dataset_as_trained
-from hpa.experiments.layout import RUN_JSON, seed_folder
+from hpa.experiments.layout import RUN_JSON, is_seed_folder, seed_folder
 from hpa.experiments.loop import EVAL_BATCH, evaluate
 from hpa.experiments.model import build_model, initialise
 from hpa.experiments.open_run import RunFolder, read_seeds
@@ -156,7 +156,7 @@ def _run_readers(path: Path) -> list:
     """The checked reader (open_run.RunFolder) of each run in ``path``: the run, or each seed of a --seeds folder."""
     seeds = read_seeds(path)
     if seeds is not None:
-        missing = [f"seed-{s}" for s in seeds if not (seed_folder(path, s) / RUN_JSON).is_file()]
+        missing = [seed_folder(path, s).name for s in seeds if not (seed_folder(path, s) / RUN_JSON).is_file()]
         if missing:  # refused rather than left out of the mean silently
             raise ReinitError(f"{path} lists {', '.join(missing)} but holds no run there; finish them with "
                               f"'hpa train --resume {path}', or give one seed-N folder")
@@ -198,7 +198,7 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
     model, structure = build_model(config["arch"], dataset, config["seed"], recipe.init, task.name, recipe.init_std)
     final = max(saved)
     _load_state(model, _read_snapshot(saved[final]), saved[final])
-    return _Subject(label=folder.name if folder.name.startswith("seed-") else f"seed-{config['seed']}",
+    return _Subject(label=folder.name if is_seed_folder(folder) else seed_folder(folder, config["seed"]).name,
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
                     task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=dict(saved))
 

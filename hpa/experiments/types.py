@@ -6,6 +6,7 @@ architecture and a default :class:`Recipe`; its dataset function returns a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,26 +68,32 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train; every field is a ``hpa train`` flag and a key of run.json.
+    """How to train; every field is a ``hpa train`` flag (its comment the flag's help) and a key of run.json.
 
     Defaults are Gamba et al. 2020 §3.1 and appendix A.1.
     """
 
-    epochs: int = 100  # passes over the training split
-    batch_size: int = 128
-    lr: float = 0.01  # base learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 coefficient of SGD
-    schedule: str = "step"  # "constant" | "step" (lr * step_factor every step_epochs) | "exponential"
-    step_epochs: int = 25  # epochs between two step decays
-    step_factor: float = 0.1  # multiplier at each step decay
-    gamma: float = 10 ** (-1 / 25)  # exponential: lr * gamma**epoch (Gamba et al. 2020 A.8 interpolates the step)
-    init: str | None = None  # INIT_SCHEMES name; None: the architecture's own (hpa list-models cifar shows it)
-    init_std: float = 0.01  # the standard deviation of every weight under init "normal"
-    shift: int = 4  # random shifts of up to ±shift pixels, zero-padded; 0: none
-    flip: bool = True  # random horizontal flips
-    validation: float = 0.1  # stratified fraction of the training set held out, seeded
-    pixels: str = "dataset"  # PIXELS name: how stored pixels are scaled and centred for the network
+    epochs: int = 100  # epochs: passes over the training split.
+    batch_size: int = 128  # batch size.
+    lr: float = 0.01  # base learning rate.
+    momentum: float = 0.9  # SGD momentum.
+    weight_decay: float = 5e-4  # weight decay (the L2 coefficient of SGD).
+    schedule: str = "step"  # constant, step (lr * step_factor every step_epochs) or exponential.
+    step_epochs: int = 25  # epochs between step decays.
+    step_factor: float = 0.1  # learning-rate factor at each step.
+    gamma: float = 10 ** (-1 / 25)  # per-epoch factor of the exponential schedule, lr * gamma**epoch
+    #                                 (Gamba et al. 2020 A.8 interpolates the step).
+    init: str | None = None  # the init scheme, one of kaiming_normal, kaiming_conv, normal, xavier_uniform,
+    #                          xavier_normal, default ('hpa experiments' defines each).  [default:
+    #                          the architecture's own, as its paper's code; 'hpa list-models cifar' shows it]
+    init_std: float = 0.01  # the std of every weight under --init normal.  [default: 0.01]
+    shift: int = 4  # random shifts of up to ±N pixels, zero-padded (0: none).
+    flip: bool = True  # random horizontal flips.
+    validation: float = 0.1  # held-out fraction of the training set (stratified, seeded).
+    pixels: str = "dataset"  # the network's input: dataset (the task's channel mean and std; CIFAR,
+    #                          MNIST: the 2020 authors' constants), symmetric ([-1, 1], the 2020 paper's
+    #                          wording), unit ([0, 1], Fig. 21's CIFAR10+) or standardised (the training
+    #                          split's own mean and std).  [default: dataset]
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch`` (the first epoch trains at ``lr``)."""
@@ -99,6 +106,32 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field of the dataclass ``cls`` (defined in this file) -> its comment, the help of its flag.
+
+    A comment may go on over the following lines that hold only a comment.  Read from this
+    file's text, so that a new recipe or noise field is one commented line.
+    """
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"class {cls.__name__}:")
+    names = {f.name for f in fields(cls)}
+    helps: dict[str, list[str]] = {}
+    last = None
+    for line in lines[start + 1:]:
+        if line and not line.startswith(" "):
+            break
+        name, sep, rest = line.strip().partition(":")
+        if name in names and sep and "  # " in rest:
+            last = name
+            helps[name] = [rest.split("  # ", 1)[1].strip()]
+        elif last is not None and line.strip().startswith("#"):
+            more = line.strip().lstrip("#").strip()
+            helps[last].append(("  " if more.startswith("[default") else " ") + more)
+        else:
+            last = None
+    return {name: "".join(parts) for name, parts in helps.items()}
 
 
 def recipe_fields() -> tuple[str, ...]:
@@ -135,16 +168,23 @@ class Noise:
     and ``pixel_noise_order`` choose otherwise.
     """
 
-    label_noise: float = 0.0  # probability that a training label is corrupted
-    label_noise_mode: str = "uniform"  # "uniform": redrawn over all classes (Zhang et al. 2017) | "wrong":
-    #                                    always another class, (y + U{1..C-1}) mod C (the authors' code)
-    shuffle_pixels: bool = False  # one fixed permutation of pixel positions, the same for every image
-    random_pixels: bool = False  # an independent fixed permutation per image (Fig. 20; Zhang et al.)
-    gaussian_images: bool = False  # images replaced by Gaussian noise with the training set's channel moments
-    noise_seed: int | None = None  # seed of every corruption; None: the run seed
-    pixel_noise_splits: str = "train"  # "train": the images trained on (Fig. 20) | "all": validation and test too
-    pixel_noise_order: str = "augment_then_permute"  # permutations after the shift and flip (the authors'
-    #                                                   code) | "permute_then_augment": the stored images once
+    label_noise: float = 0.0  # corrupt each training label with probability P (validation and test labels
+    #                           stay clean).  [default: 0]
+    label_noise_mode: str = "uniform"  # uniform (redrawn over all classes, Zhang et al. 2017) or wrong (always
+    #                                    another class, (y + U{1..C-1}) mod C, as the code of Gamba et al. 2020
+    #                                    Fig. 6).  [default: uniform]
+    shuffle_pixels: bool = False  # one fixed permutation of pixel positions, the same for every image (Zhang
+    #                               et al. 2017's 'shuffled pixels').
+    random_pixels: bool = False  # an independent fixed permutation of pixel positions for each image (Gamba
+    #                              et al. 2020 Fig. 20; Zhang et al.'s 'random pixels').
+    gaussian_images: bool = False  # images replaced by Gaussian noise with the training images' per-channel
+    #                                mean and std (Zhang et al. 2017's 'Gaussian').
+    noise_seed: int | None = None  # seed of the corruption.  [default: the run's --seed]
+    pixel_noise_splits: str = "train"  # the pixel noise reaches the images trained on (Fig. 20) or all splits,
+    #                                    validation and test too (Zhang et al. 2017).  [default: train]
+    pixel_noise_order: str = "augment_then_permute"  # permute each augmented training image (the authors'
+    #                                                  code) or the stored images once, before augmentation.
+    #                                                  [default: augment_then_permute]
 
     @property
     def pixel_corruption(self) -> str | None:
@@ -158,6 +198,12 @@ class Noise:
 
 def noise_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(Noise))
+
+
+#: What a field's ``hpa train`` flag needs beyond its name, type and comment: a fixed choice list
+#: (click refuses anything else) or a metavar.  A field without an entry needs none.
+FLAG_CHOICES = {"pixel_noise_splits": PIXEL_NOISE_SPLITS, "pixel_noise_order": PIXEL_NOISE_ORDERS}
+FLAG_METAVARS = {"label_noise": "P", "label_noise_mode": "MODE"}
 
 
 def noise_from_flags(values: dict[str, Any]) -> dict[str, Any]:
@@ -274,3 +320,10 @@ def check_recipe(recipe: Recipe) -> None:
         raise OptionError(f"--shift must be zero or a positive number of pixels, not {recipe.shift}")
     if recipe.pixels not in PIXELS:
         raise OptionError(f"--pixels {recipe.pixels!r} is unknown; choose from {', '.join(PIXELS)}")
+
+
+def data_root(data_dir) -> Path:
+    """Where a task's dataset files are: ``--data``, else ``$HPA_DATA``, else ``~/.cache/hpa/data``."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get("HPA_DATA") or Path.home() / ".cache" / "hpa" / "data")

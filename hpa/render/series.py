@@ -25,6 +25,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from hpa.errors import HpaWarning
 from hpa.render import style
 
+#: What a Statistic's ``plot_series`` may use: the series it receives and the curve helpers.
+__all__ = ["RunSeries", "decay_note", "depth_colours", "draw_curve", "early_late", "epoch_axis", "layer_figure",
+           "mark_decays", "mean_std", "seeds_note"]
+
 PANEL_HEIGHT = 1.9  # inches, one row of panels
 MARKERS_UP_TO = 40  # epochs; a longer run's markers would merge into a string of dots
 # Per seed: (epochs, values) in epoch order.

@@ -62,8 +62,6 @@ def _source(onnx_file: OnnxFile, builder: Builder, input_shape, notes: list[str]
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "ir_version": int(model.ir_version),
         "opset": builder.opset,
-        "input_size": None if input_shape is None else list(input_shape),
-        "fold_bn": builder.options.fold_bn,
     }
     if flat.branches:
         source["branches"] = list(flat.branches)
