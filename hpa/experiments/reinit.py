@@ -83,6 +83,8 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
 
     if draws < 1:
         raise OptionError(f"--draws must be a positive number of draws, not {draws}")
+    if seed < 0:
+        raise OptionError(f"--seed must be zero or a positive integer, not {seed}")
     if rerandomize and epochs is not None:
         raise OptionError("--epochs does not apply with --rerandomize (layers are drawn fresh, not reset to a "
                           "checkpoint); leave out one of them")

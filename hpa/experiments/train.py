@@ -179,6 +179,8 @@ def _new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
         recipe = dataclasses.replace(recipe, init=architecture_init(arch))
     noise = Noise(**{**named.noise, **{k: given[k] for k in noise_fields() if given.get(k) is not None}})
     check_noise(noise)
+    if given["seed"] is not None and given["seed"] < 0:
+        raise OptionError(f"--seed must be zero or a positive integer, not {given['seed']}")
     _check_recipe(recipe)
     every = given["snapshot_every"] if given["snapshot_every"] is not None else 1
     if every < 1:
@@ -238,8 +240,11 @@ def _check_recipe(recipe: Recipe) -> None:
     if not recipe.lr > 0 or not math.isfinite(recipe.lr):
         raise OptionError(f"--lr must be a positive number, not {recipe.lr}")
     for name in ("momentum", "weight_decay"):
-        if not getattr(recipe, name) >= 0:
+        if not getattr(recipe, name) >= 0 or not math.isfinite(getattr(recipe, name)):
             raise OptionError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(recipe, name)}")
+    for name in ("step_factor", "gamma"):  # a factor of the rate: 0 stops training, a negative one ascends
+        if not getattr(recipe, name) > 0 or not math.isfinite(getattr(recipe, name)):
+            raise OptionError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(recipe, name)}")
     if recipe.schedule not in SCHEDULES:
         raise OptionError(f"--schedule {recipe.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
     if recipe.init not in INIT_SCHEMES:
@@ -328,6 +333,9 @@ def dataset_as_trained(dataset, config: TrainConfig):
     from hpa.experiments.noise import corrupt_dataset
 
     train_index, _ = stratified_split(dataset.train_labels, config.recipe.validation, config.seed)
+    if len(train_index) == 0:
+        raise OptionError(f"--validation {config.recipe.validation} holds out all {len(dataset.train_labels)} "
+                          "training images, so none is left to train on; choose a smaller fraction")
     seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed
     noisy = corrupt_dataset(dataset, config.noise, train_index, seed)
     mean, std = pixel_normalisation(dataset, config.recipe.pixels, train_index)

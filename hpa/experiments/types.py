@@ -175,6 +175,8 @@ def check_noise(noise: Noise) -> None:
     """Refuse values that cannot be meant (an OptionError naming the flag)."""
     if not 0.0 <= noise.label_noise <= 1.0:
         raise OptionError(f"--label-noise must be a probability in [0, 1], not {noise.label_noise}")
+    if noise.noise_seed is not None and noise.noise_seed < 0:
+        raise OptionError(f"--noise-seed must be zero or a positive integer, not {noise.noise_seed}")
     if noise.label_noise_mode not in LABEL_NOISE_MODES:
         raise OptionError(f"--label-noise-mode {noise.label_noise_mode!r} is unknown; choose from "
                           f"{', '.join(LABEL_NOISE_MODES)}")
