@@ -70,7 +70,8 @@ def tiny(temporary_plugin):
 
 def write_distinct_cifar(root, per_batch: int, seed: int = 0) -> dict:
     """CIFAR-10 python batches (as in test_tasks.write_cifar) whose 1024 pixels are distinct within each
-    image (red: position mod 256, green's top two bits: position // 256), so a permutation is identifiable."""
+    image (red: position mod 256, green's top two bits: position // 256), so a permutation is identifiable;
+    blue is dark (0..63), so the three channels' moments differ."""
     import pickle
 
     rng = np.random.default_rng(seed)
@@ -83,6 +84,7 @@ def write_distinct_cifar(root, per_batch: int, seed: int = 0) -> dict:
         images[:, 0] = position % 256
         images[:, 1] = (position // 256) * 64 + rng.integers(0, 64, size=(per_batch, 1024))
         images[:, 0] = (images[:, 0] + rng.integers(0, 256, size=(per_batch, 1))) % 256  # per image, still distinct
+        images[:, 2] //= 4
         labels = [int(v) for v in np.arange(per_batch) % 10]
         entry = {"data": images.reshape(per_batch, 3072), "labels": labels,
                  "filenames": [f"img{i}.png" for i in range(per_batch)]}
