@@ -36,6 +36,7 @@ FIGURES = "figures"
 SEEDS_JSON = "seeds.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
+TRACKER = "hpa.Tracker"  # run.json's "writer" of a run recorded from the caller's own loop (hpa train's has none)
 
 
 def snapshot_name(epoch: int) -> str:

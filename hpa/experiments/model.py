@@ -249,6 +249,15 @@ class SnapshotStatistics:
                 self._pool = None
 
 
+def separate_statistics_process(device_type: str) -> bool:
+    """Whether a run's statistics go to a separate CPU process: for CUDA training (HPA_STATISTICS_PROCESS
+    1 or 0 forces the choice), else onto the writer thread, which keeps CPU runs bitwise resumable."""
+    import os
+
+    choice = os.environ.get("HPA_STATISTICS_PROCESS")
+    return device_type == "cuda" if choice is None else choice == "1"
+
+
 def _rebinds(structure, model) -> bool:
     from hpa.errors import LoadError
     from hpa.rebind import rebind

@@ -439,12 +439,10 @@ class _Trainer:
         self._loop(first_epoch=done + 1)
 
     def _statistics(self, run: RunDir):
-        """Statistics of each snapshot: in a separate CPU process for CUDA runs (HPA_STATISTICS_PROCESS=1
-        or 0 forces the choice), else on the writer thread, which keeps CPU runs bitwise resumable."""
-        from hpa.experiments.model import SnapshotStatistics
+        """Statistics of each snapshot, off the training path (model.separate_statistics_process says where)."""
+        from hpa.experiments.model import SnapshotStatistics, separate_statistics_process
 
-        choice = os.environ.get("HPA_STATISTICS_PROCESS")
-        separate = self.device.type == "cuda" if choice is None else choice == "1"
+        separate = separate_statistics_process(self.device.type)
         return SnapshotStatistics(run.path, self.structure, self.model, self.config.statistics, separate)
 
     # -- the epochs -----------------------------------------------------------------------------
