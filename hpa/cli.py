@@ -392,6 +392,8 @@ def _register_plugin_commands() -> None:
 @click.option("--noise-seed", type=int, help="Noise: seed of the corruption.  [default: the run's --seed]")
 @click.option("--stat", "statistics", multiple=True,
               help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
+@click.option("--log", "log", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also send each epoch's values to this dashboard (repeatable); needs hpa[NAME].")
 @click.option("--progress/--no-progress", "bars", default=None,
               help="A live bar per epoch on stderr.  [default: when stderr is a terminal; else one line per epoch]")
 @click.option("--quiet", is_flag=True, help="No progress on stderr (warnings and errors still show).")

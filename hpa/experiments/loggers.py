@@ -16,7 +16,9 @@ folder keeps the truth.  Each client is its project's own: ``torch.utils.tensorb
 ``wandb``, ``mlflow``, optional extras.  An active ``wandb.run`` or MLflow run is
 logged into (and left open); otherwise one is started: TensorBoard in ``RUN/tensorboard``,
 W&B in ``RUN/wandb`` (project ``WANDB_PROJECT`` or "hpa"; ``WANDB_MODE=offline`` works),
-MLflow at ``MLFLOW_TRACKING_URI`` or the file store ``RUN/mlruns`` (experiment "hpa").
+MLflow at ``MLFLOW_TRACKING_URI`` or the file store ``RUN/mlruns`` (experiment "hpa"; MLflow 3 opens
+a file store only with ``MLFLOW_ALLOW_FILE_STORE``, which is then set to true unless already set:
+its SQLite store takes some ten seconds to create, the file store under two).
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ class _WandB:
         self.own = self.wandb.run is None  # the caller's active run is logged into and left open
         self.run = self.wandb.run or self.wandb.init(project=os.environ.get("WANDB_PROJECT", "hpa"),
                                                       name=folder.name, dir=str(folder),
-                                                      config={"hpa_run": str(folder)})
+                                                      config={"hpa_run": str(folder)},
+                                                      settings=self.wandb.Settings(console="off"))  # stderr is the caller's
 
     def log(self, step: int, scalars: dict[str, float], histograms: dict[str, list[float]]) -> None:
         values: dict[str, Any] = dict(scalars)
@@ -180,8 +183,11 @@ class _MLflow:
 
         mlflow = _require("mlflow")
         active = mlflow.active_run()
-        uri = mlflow.get_tracking_uri() if active or os.environ.get("MLFLOW_TRACKING_URI") else (
-            (folder / "mlruns").resolve().as_uri())
+        if active or os.environ.get("MLFLOW_TRACKING_URI"):
+            uri = mlflow.get_tracking_uri()
+        else:  # the run's own file store, which MLflow 3 opens only when allowed (a user's "false" is kept)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (folder / "mlruns").resolve().as_uri()
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         self.own = active is None
         if active is not None:

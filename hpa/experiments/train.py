@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from hpa.errors import HpaError, OptionError
 from hpa.experiments.distributed import is_lead
+from hpa.experiments.layout import TRACKER
+from hpa.experiments.loggers import Loggers
 from hpa.experiments.run import RunDir, snapshot_name
 from hpa.experiments.types import (DEFAULT_RECIPE, INIT_SCHEMES, NAMED_RECIPES, PIXELS, SCHEDULES, Noise, Recipe, Task,
                                    check_noise, named_recipe, noise_fields, noise_from_flags, recipe_fields)
@@ -123,14 +125,15 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
           statistics: tuple[str, ...] | list[str] | None = None,
           precision: str | None = None, compiled: bool | None = None, cpu_threads: int | None = None,
           progress: Callable[[str], None] | None = None, command: str | None = None,
-          recipe_name: str | None = None, **recipe_values: Any) -> Path:
+          recipe_name: str | None = None, log: tuple[str, ...] | list[str] = (), **recipe_values: Any) -> Path:
     """Train ``task`` into the new folder ``out``, or continue the run in ``resume``; returns the folder.
 
     ``recipe_name`` is a named recipe (types.NAMED_RECIPES, default "paper") whose fields replace
     the task's defaults.  ``recipe_values`` are :class:`Recipe` fields, which override it in turn,
     and :class:`Noise` fields (plus ``random_labels=True``, i.e. ``label_noise=1``).  None (like
     every other None) means "the default" for a new run and "as recorded" for a resumed one,
-    where any other value that differs from the record is refused.
+    where any other value that differs from the record is refused.  ``log``: dashboards that
+    also get each epoch's values (hpa.experiments.loggers: tensorboard, wandb, mlflow).
     """
     noise_given = noise_from_flags(recipe_values)  # random_labels resolved; a conflict is refused
     recipe_values = {k: v for k, v in recipe_values.items() if k not in (*noise_fields(), "random_labels")}
@@ -147,6 +150,9 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
         run = RunDir.open(resume)  # run.json checked: damaged, it is refused in one line
         record = run.read_record()
+        if record.get("writer") == TRACKER:
+            raise OptionError(f"{run.path} was recorded by hpa.Tracker from your own training loop; continue it "
+                              "there (a new hpa.Tracker with another out=), hpa train cannot")
         config = config_from_record(record)
         _refuse_differences(config, given)
         if is_lead():
@@ -159,7 +165,8 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
         if is_lead():  # under torch.distributed only rank 0 touches the run folder
             RunDir.check_new(out)  # before the (possibly slow) data loading; created once all is known to work
         run, record = None, None
-    trainer = _Trainer(config, data, download, progress)
+    loggers = Loggers(log if is_lead() else ())  # names and packages checked before the data is loaded
+    trainer = _Trainer(config, data, download, progress, loggers)
     if run is None:
         run = RunDir.create(out) if is_lead() else RunDir(Path(out).expanduser())
         trainer.start(run, command or _command_line())
@@ -367,14 +374,14 @@ def pixel_normalisation(dataset, pixels: str, train_index) -> tuple[tuple[float,
 # -- the trainer ----------------------------------------------------------------------------
 
 class _Trainer:
-    def __init__(self, config: TrainConfig, data, download: bool, progress) -> None:
+    def __init__(self, config: TrainConfig, data, download: bool, progress, loggers: Loggers) -> None:
         import torch
 
         from hpa.experiments.distributed import join
         from hpa.experiments.loop import make_optimizer, memory_format
         from hpa.experiments.model import BackgroundWriter, build_model
 
-        self.config = config
+        self.config, self.loggers = config, loggers
         self.world = join(config.device)  # None unless started by torchrun with several processes
         self.lead = self.world is None or self.world.lead
         self.progress = (progress if self.lead else None) or (lambda line: None)
@@ -470,6 +477,7 @@ class _Trainer:
                     self._epoch(data, epoch)
             self.writer.close()
             self.statistics.close()
+            self.loggers.publish(self.run.path)
         except BaseException as exc:
             self._close_writer_after(exc)
             if isinstance(exc, TrainingError):
@@ -479,6 +487,7 @@ class _Trainer:
                 raise TrainingInterrupted.of(self.run.path) from None
             raise
         finally:
+            self.loggers.close()
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
             if self.world is not None:
@@ -538,6 +547,7 @@ class _Trainer:
             self.statistics.record(epoch, self.run.path / line["snapshot"])
         self.run.append_metrics(line)
         self.run.write_state(epoch, model_state, optimizer_state)
+        self.loggers.publish(self.run.path)  # dashboards (--log): the epochs whose values are all written
 
     def _counted(self, data, epoch: int):
         """``data``, reporting each batch to a progress bar when the caller's ``progress`` draws one."""
