@@ -52,6 +52,7 @@ class _Subject:
     init: str  # the run's init scheme (types.INIT_SCHEMES): how --rerandomize draws a layer
     checkpoints: dict[int, Path | dict] = field(default_factory=dict)  # epoch -> snapshot file or state
     init_std: float = 0.01  # the std of init "normal"
+    evaluate: Callable[[Any], Any] | None = None  # a tracker run's: the caller's evaluation, instead of a test split
 
 
 @dataclass
@@ -67,7 +68,8 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
            with_linear: bool = False, rerandomize: bool = False, draws: int = 1, reset_bn: bool = False,
            device: str = "cpu", weights: str | None = None, plugin: str | None = None,
            data: str | os.PathLike | None = None, seed: int = 0, batch_size: int = EVAL_BATCH,
-           progress: Callable[[str], None] | None = None) -> ReinitResult:
+           progress: Callable[[str], None] | None = None, model: Any = None,
+           evaluate: Callable[[Any], Any] | None = None) -> ReinitResult:
     """Reset each layer of a trained model to each checkpoint, evaluate on the test split; returns a ReinitResult.
 
     ``run_or_spec``: an ``hpa train`` run folder (several seeds: every ``seed-N``), or a loader
@@ -77,7 +79,10 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
     one).  ``layers``: layer names (default: every conv, and linear with ``with_linear``).
     ``rerandomize``: draw each layer fresh from the architecture's initialiser instead,
     ``draws`` times, seeded; the cells then have epoch None.  ``reset_bn``: reset the
-    BatchNorm folded into the layer as well.  Raises ReinitError / OptionError for bad input.
+    BatchNorm folded into the layer as well.  A run recorded by :class:`hpa.Tracker` needs
+    ``model`` (a module of its architecture; a copy is swept, the final snapshot loaded into
+    it) and ``evaluate(module) -> accuracy`` or ``(accuracy, loss)``, the caller's own test.
+    Raises ReinitError / OptionError for bad input.
     """
     import torch
 
@@ -91,7 +96,7 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
     progress = progress or (lambda line: None)
     device = _device(device)
     subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device,
-                         epochs=[] if rerandomize else epochs)
+                         epochs=[] if rerandomize else epochs, own=(model, evaluate))
     rows, trained, n_l = [], {}, {}
     with torch.no_grad():  # not inference_mode: --rerandomize initialises copies of modules in place
         for make_subject in subjects:  # one model in memory at a time
@@ -142,17 +147,22 @@ def result_folder(run_or_spec, out) -> Path:
 
 # -- the subjects: run folders or a spec ---------------------------------------------------------
 
-def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None) -> list[Callable[[], _Subject]]:
+def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None,
+              own=(None, None)) -> list[Callable[[], _Subject]]:
     """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time.
 
     A run folder's files are all checked here, before any model is built or any progress shown.
+    ``own``: (module, evaluate) of a run recorded by hpa.Tracker.
     """
     path = Path(run_or_spec).expanduser()
     if path.is_dir():
         if weights is not None or plugin is not None:
             raise OptionError(f"{path} is a run folder: its task and snapshots are recorded; leave out "
                               "--weights and --plugin")
-        return [partial(_subject_from_run, folder, device, data) for folder in _run_folders(path, epochs)]
+        folders = _run_folders(path, epochs)
+        if _tracked(folders[0]) or own != (None, None):
+            return [partial(_subject_from_tracker, folder, device, *own) for folder in folders]
+        return [partial(_subject_from_run, folder, device, data) for folder in folders]
     if plugin is None:
         raise OptionError(f"{run_or_spec} is neither a run folder nor usable without a task; give an "
                           "'hpa train' run folder, or a spec with --weights FILE --plugin TASK")
@@ -215,6 +225,38 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
     return _Subject(label=folder.name if folder.name.startswith("seed-") else f"seed-{config['seed']}",
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
                     task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=dict(saved))
+
+
+def _tracked(folder: Path) -> bool:
+    from hpa.experiments.layout import TRACKER
+    from hpa.experiments.open_run import RunFolder
+
+    return RunFolder.open(folder).record().get("writer") == TRACKER
+
+
+def _subject_from_tracker(folder: Path, device, model, evaluate) -> _Subject:
+    """A run hpa.Tracker recorded: the caller's module (a copy, the final snapshot loaded) and evaluation."""
+    import copy
+
+    from hpa.experiments.open_run import RunFolder
+
+    if not _tracked(folder):
+        raise OptionError(f"model= and evaluate= are for runs recorded by hpa.Tracker; {folder} was trained by "
+                          "hpa train, whose task is recorded: leave them out")
+    if model is None or not callable(evaluate):
+        raise ReinitError(f"{folder} was recorded by hpa.Tracker from your own module, which hpa cannot rebuild; "
+                          f"call hpa.reinit({str(folder)!r}, model=MODULE, evaluate=FUNCTION) in Python, with "
+                          "evaluate(module) returning the test accuracy (or accuracy, loss)")
+    from hpa.experiments.track import _unwrapped
+
+    reader = RunFolder.open(folder)
+    config, saved = reader.record()["config"], reader.snapshots()
+    module = copy.deepcopy(_unwrapped(model))
+    final = max(saved)
+    _load_state(module, _read_snapshot(saved[final]), saved[final])
+    return _Subject(label=f"seed-{config['seed']}", seed=int(config["seed"]), model=module.to(device),
+                    structure=reader.structure(), dataset=None, task=str(config["arch"]), init="default",
+                    checkpoints=dict(saved), evaluate=evaluate)
 
 
 def _as_trained(dataset, record: dict):
@@ -292,7 +334,7 @@ class _Sweep:
         self.layers = _choose_layers(subject.structure, layers, with_linear)
         self.roles = LAYER_ROLES + (BN_ROLES if reset_bn else ())
         self.epochs = [] if rerandomize else _choose_epochs(subject, epochs)
-        self.test = _test_split(subject.dataset, subject.task, device)
+        self.test = _test_split(subject.dataset, subject.task, device) if subject.evaluate is None else None
         self.live = subject.model.state_dict()  # shares storage with the parameters: copy_ changes the model
         self.trained_tensors = {key: self.live[key].clone() for key in self._keys()}
 
@@ -305,7 +347,7 @@ class _Sweep:
 
     def run(self, progress, with_label: bool) -> list[dict[str, Any]]:
         self.subject.model.eval()
-        accuracy, loss = evaluate(self.subject.model, self.test, self.batch_size)
+        accuracy, loss = self._evaluate()
         self.trained = {"accuracy": accuracy, "loss": loss}
         columns = ["random"] if self.rerandomize else self.epochs
         total = len(columns) * len(self.layers)
@@ -347,7 +389,8 @@ class _Sweep:
         for index, layer in enumerate(self.layers):
             results = [self._evaluate_with(self._fresh_tensors(layer, index, draw)) for draw in range(self.draws)]
             accuracies = [a for a, _ in results]
-            row = self._row(layer, None, _mean(accuracies), _mean([l for _, l in results]))
+            losses = [l for _, l in results]
+            row = self._row(layer, None, _mean(accuracies), None if None in losses else _mean(losses))
             row["accuracy_std"] = _std(accuracies)
             rows.append(row)
         return rows
@@ -380,10 +423,16 @@ class _Sweep:
         for key, value in tensors.items():
             self.live[key].copy_(value)
         try:
-            return evaluate(self.subject.model, self.test, self.batch_size)
+            return self._evaluate()
         finally:
             for key in tensors:
                 self.live[key].copy_(self.trained_tensors[key])
+
+    def _evaluate(self) -> tuple[float, float | None]:
+        """(accuracy, loss) of the model as it is now: on the task's test split, or by the caller's evaluate."""
+        if self.subject.evaluate is None:
+            return evaluate(self.subject.model, self.test, self.batch_size)
+        return _own_result(self.subject.evaluate(self.subject.model))
 
     def _row(self, layer, epoch, accuracy: float, loss: float) -> dict[str, Any]:
         trained = self.trained["accuracy"]
@@ -400,12 +449,27 @@ class _Sweep:
         try:
             graph = rebind(self.subject.structure, state)
         except LoadError:  # a layer computed in the forward pass: trace the trained module instead
-            graph = hpa.load(self.subject.model, input_size=self.subject.dataset.input_size)
+            size = self.subject.structure.input_shape if self.subject.dataset is None else \
+                self.subject.dataset.input_size
+            graph = hpa.load(self.subject.model, input_size=size)
         # with_linear: a swept layer gets its n_l even where scans skip it by default (a linear
         # layer, or a conv on a 1x1 plane, which acts as one).
         result = hpa.analyse(graph, statistics=["projection"], with_linear=True)
         rows = {row["name"]: row.get("projection.n_l") for row in result.layer_rows()}
         return {layer.name: rows.get(layer.name) for layer in self.layers}
+
+
+def _own_result(value) -> tuple[float, float | None]:
+    """The caller's evaluate() result as (accuracy, loss): a number, or a pair of numbers."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, None)
+    try:
+        accuracy, loss = float(pair[0]), None if len(pair) < 2 or pair[1] is None else float(pair[1])
+    except (TypeError, ValueError, IndexError):
+        accuracy = loss = math.nan
+    if len(pair) > 2 or not math.isfinite(accuracy) or (loss is not None and not math.isfinite(loss)):
+        raise ReinitError(f"evaluate(module) must return the test accuracy, or (accuracy, loss), as finite "
+                          f"numbers; it returned {value!r}")
+    return accuracy, loss
 
 
 def _initialise(module, init: str, seed: int, std: float) -> None:
