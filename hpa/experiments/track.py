@@ -65,7 +65,10 @@ class Tracker:
         self.module = _unwrapped(model)
         if not isinstance(self.module, torch.nn.Module):
             raise OptionError(f"hpa.Tracker needs a torch.nn.Module, not a {type(model).__name__}")
-        self.input_size = parse_input_size(input_size)
+        try:
+            self.input_size = parse_input_size(input_size)
+        except OptionError as exc:  # its words name the command line's flag
+            raise OptionError(str(exc).replace("--input-size", "input_size=")) from None
         if self.input_size is None:
             raise OptionError("hpa.Tracker needs input_size, one input's shape without the batch, as (3, 32, 32)")
         self.statistics = _checked_statistics(statistics)
