@@ -155,6 +155,7 @@ class Tracker:
         self.statistics = SnapshotStatistics(self.path, structure, probe, self.statistics,
                                              separate_statistics_process(device.type))
         self._lined = 0  # the last epoch with a metrics line
+        self._buffers: list = []  # the host copies of the last two snapshots (see _submit)
         # A run that ends without close() (dropped, or the process exits): marked incomplete, what was written kept.
         self._finalizer = weakref.finalize(self, _at_exit, self.writer, self.statistics, self.run, self.record)
         self._submit(0, [], {"epoch": 0, "seconds": None}, snapshot=True)
@@ -163,7 +164,13 @@ class Tracker:
         from hpa.experiments.model import host_copy
 
         line["snapshot"] = snapshot_name(epoch) if snapshot else None
-        state, ready = host_copy(self.module.state_dict()) if snapshot else (None, lambda: None)
+        state, ready = None, (lambda: None)
+        if snapshot:
+            # Two sets of host buffers in turn: the writer still reads the previous epoch's, and
+            # submit() waits for it before this one is handed over, so the one before is free.
+            slot = self._buffers.pop(0) if len(self._buffers) == 2 else None
+            state, ready = host_copy(self.module.state_dict(), into=slot)
+            self._buffers.append(state)
         try:
             self.writer.submit(self._write, epoch, gaps, line, state, ready)
         except Exception as exc:  # the previous epoch's write failed: stop recording, never the training
