@@ -315,3 +315,51 @@ def _loaded(state):
     model = SmallNet()
     model.load_state_dict(state)
     return model.eval()
+
+
+_RANK = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+import hpa
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                                                          nn.Linear(4 * 6 * 6, 3)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+draws = torch.Generator().manual_seed(rank)  # each rank its own rows
+x, y = torch.randn(8, 1, 8, 8, generator=draws), torch.randint(0, 3, (8,), generator=draws)
+with hpa.Tracker(model, out=sys.argv[1], input_size=(1, 8, 8), figures=False) as tracker:
+    for epoch in (1, 2):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()  # gradients averaged over the ranks: every rank holds the same weights
+        optimizer.step()
+        tracker.epoch(epoch, metrics={"loss": loss.item()})
+torch.save(model.module.state_dict(), f"{sys.argv[1]}-rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_under_ddp_every_rank_calls_it_and_rank_0_alone_writes(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**dict(__import__("os").environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(out)], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for rank in ranks:
+        _, stderr = rank.communicate(timeout=300)
+        assert rank.returncode == 0, stderr
+    run = hpa.open_run(out)
+    assert run.record["status"] == "complete" and run.record["processes"] == 2 and run.epochs() == [0, 1, 2]
+    final = load_file(str(run.snapshots()[2]))  # the unwrapped module's names, no "module." prefix
+    for rank in (0, 1):
+        state = torch.load(f"{out}-rank{rank}.pt")
+        assert final.keys() == state.keys() and all(torch.equal(final[k], v) for k, v in state.items())
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3  # one line per epoch: rank 1 wrote none of its own
