@@ -389,8 +389,7 @@ class _Sweep:
         for index, layer in enumerate(self.layers):
             results = [self._evaluate_with(self._fresh_tensors(layer, index, draw)) for draw in range(self.draws)]
             accuracies = [a for a, _ in results]
-            losses = [l for _, l in results]
-            row = self._row(layer, None, _mean(accuracies), None if None in losses else _mean(losses))
+            row = self._row(layer, None, _mean(accuracies), _mean([l for _, l in results]))
             row["accuracy_std"] = _std(accuracies)
             rows.append(row)
         return rows
@@ -554,8 +553,9 @@ def evaluate(model, split: _TestSplit, batch_size: int = EVAL_BATCH) -> tuple[fl
     return int(correct.item()) / len(split), float(total.item()) / len(split)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _mean(values: list[float | None]) -> float | None:
+    """The mean; None when a value is (a tracker run's evaluate may give no loss)."""
+    return None if None in values else sum(values) / len(values)
 
 
 def _std(values: list[float]) -> float:
