@@ -17,9 +17,12 @@ import hpa
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def offline(monkeypatch, tmp_path):
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-                       "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB_PROJECT": "hpa-tests"}.items():
+                       "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB_PROJECT": "hpa-tests",
+                       "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 

@@ -309,6 +309,13 @@ def test_reinit_of_a_tracker_run_with_the_callers_module_and_evaluation(tmp_path
         assert result.trained["seed-0"]["accuracy"] == accuracy(_loaded(trained))
     with pytest.raises(hpa.HpaError, match="must return the test accuracy"):
         hpa.reinit(out, model=model, evaluate=lambda module: "good")
+    drawn = hpa.reinit(out, model=model, evaluate=lambda module: (accuracy(module), 1.25), rerandomize=True,
+                       draws=2)
+    assert {row["loss"] for row in drawn.rows} == {1.25}  # the caller's loss, averaged over the draws
+    assert all(0 <= row["accuracy"] <= 1 and row["epoch"] is None for row in drawn.rows)
+    no_loss = hpa.reinit(out, model=model, evaluate=accuracy, rerandomize=True, draws=2)
+    assert {row["loss"] for row in no_loss.rows} == {None}
+    assert [row["accuracy"] for row in no_loss.rows] == [row["accuracy"] for row in drawn.rows]
 
 
 def _loaded(state):

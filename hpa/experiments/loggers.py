@@ -162,10 +162,11 @@ class _WandB:
 
         self.wandb = _require("wandb")
         self.own = self.wandb.run is None  # the caller's active run is logged into and left open
+        # console="off": a run hpa starts leaves the caller's stdout and stderr alone
         self.run = self.wandb.run or self.wandb.init(project=os.environ.get("WANDB_PROJECT", "hpa"),
                                                       name=folder.name, dir=str(folder),
                                                       config={"hpa_run": str(folder)},
-                                                      settings=self.wandb.Settings(console="off"))  # stderr is the caller's
+                                                      settings=self.wandb.Settings(console="off"))
 
     def log(self, step: int, scalars: dict[str, float], histograms: dict[str, list[float]]) -> None:
         values: dict[str, Any] = dict(scalars)

@@ -217,7 +217,8 @@ class Tracker:
             raise OptionError(f"tracker.epoch() takes a whole epoch number, not {number!r}")
         number = int(number)
         if number <= self.last_epoch:
-            done = f"epoch {self.last_epoch} is recorded already" if self.last_epoch else "epoch 0 is the initialisation"
+            done = (f"epoch {self.last_epoch} is recorded already" if self.last_epoch
+                    else "epoch 0 is the initialisation")
             raise OptionError(f"tracker.epoch({number}): epochs must go forward and {done}; pass "
                               f"{self.last_epoch + 1} or later")
         return number

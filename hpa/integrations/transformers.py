@@ -5,11 +5,11 @@
     trainer = transformers.Trainer(model, args, ..., callbacks=[HPACallback("runs/mine", input_size=(3, 32, 32))])
 
 Epoch 0 is recorded at ``on_train_begin``.  Training by epochs (``save_strategy`` other
-than "steps"), each epoch is recorded after it ends; training by steps, every
-``save_steps`` steps and the last step (where the Trainer saves), numbered 1, 2, ... in the
-run folder with the trainer's ``step`` in the metrics line.  A snapshot is taken where the weights are those of the epoch's
-(or step's) end: after the evaluation that follows it when there is one, so that its
-``eval_*`` values are in the same line, else before the next step.  The metrics are
+than "steps"), each epoch is recorded after it ends; training by steps, every ``save_steps``
+steps and the last step (where the Trainer saves), numbered 1, 2, ... in the run folder with
+the trainer's ``step`` in the metrics line.  A snapshot is taken while the weights are those
+of the epoch's (or step's) end: after the evaluation that follows it when there is one, so
+that its ``eval_*`` values are in the same line, else before the next step.  The metrics are
 what the trainer logged since the previous record (the latest value of each name; its
 fractional ``epoch`` as ``logged_epoch``).  Under DDP every rank calls it and rank 0 writes.
 """
