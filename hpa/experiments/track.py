@@ -142,7 +142,7 @@ class Tracker:
     def _start(self, probe, structure, name: str, seed: int | None) -> None:
         import torch
 
-        from hpa.experiments.model import (BackgroundWriter, SnapshotStatistics, graph_record,
+        from hpa.experiments.model import (BackgroundWriter, SnapshotStatistics, graph_record, host_copy,
                                            separate_statistics_process)
         from hpa.experiments.run import RunDir
 
@@ -155,7 +155,9 @@ class Tracker:
         self.statistics = SnapshotStatistics(self.path, structure, probe, self.statistics,
                                              separate_statistics_process(device.type))
         self._lined = 0  # the last epoch with a metrics line
-        self._buffers: list = []  # the host copies of the last two snapshots (see _submit)
+        # The host copies of the last two snapshots (see _submit); the second is allocated (and its pages
+        # touched) now, so that no epoch() pays for fresh memory.
+        self._buffers: list = [host_copy(self.module.state_dict())[0]]
         # A run that ends without close() (dropped, or the process exits): marked incomplete, what was written kept.
         self._finalizer = weakref.finalize(self, _at_exit, self.writer, self.statistics, self.run, self.record)
         self._submit(0, [], {"epoch": 0, "seconds": None}, snapshot=True)
