@@ -74,6 +74,73 @@ def test_lightning_fit_writes_a_run_folder(tmp_path):
     assert run.metrics["train_loss"].iloc[1] != last["train_loss"]  # each epoch's own value
 
 
+_LIGHTNING_DDP = """
+import sys
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from hpa.integrations.lightning import HPACallback
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, index):
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+out = sys.argv[1]
+torch.manual_seed(0)
+model = Net()
+draws = torch.Generator().manual_seed(0)
+data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8, generator=draws),
+                                      torch.randint(0, 3, (32,), generator=draws))
+trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=out + "-lightning", callbacks=[HPACallback(out, input_size=(1, 8, 8))])
+# Lightning's DistributedSampler gives each rank half the rows; DDP averages the gradients.
+trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+torch.save(model.state_dict(), f"{out}-rank{trainer.global_rank}.pt")
+"""
+
+
+def test_lightning_ddp_fit_on_two_processes_writes_one_run_folder_from_rank_0(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "fit.py"
+    script.write_text(_LIGHTNING_DDP)
+    out = tmp_path / "run"
+    # strategy "ddp" starts rank 1 by running this script again, as Lightning does outside notebooks
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["fit.py", "run", "run-rank0.pt", "run-rank1.pt"]
+    run = hpa.open_run(out)
+    assert run.record["status"] == "complete" and run.record["processes"] == 2 and run.epochs() == [0, 1, 2]
+    assert run.metrics["epoch"].tolist() == [0, 1, 2]  # one line per epoch: rank 1 wrote none of its own
+    assert set(run.series["epoch"]) == {0, 1, 2} and (out / "figures").is_dir()
+    final = load_file(str(run.snapshots()[2]))
+    ranks = [torch.load(tmp_path / f"run-rank{rank}.pt") for rank in (0, 1)]
+    for state in ranks:  # the same weights on every rank, and they are the last snapshot
+        assert final.keys() == state.keys() and all(torch.equal(final[k], v) for k, v in state.items())
+    first = load_file(str(run.snapshots()[0]))
+    assert not all(torch.equal(first[k], v) for k, v in final.items())  # it trained
+
+
 class _HFNet(nn.Module):
     """A model as the Trainer calls it: keyword inputs, a loss when labels are given."""
 
