@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -370,3 +371,45 @@ def test_under_ddp_every_rank_calls_it_and_rank_0_alone_writes(tmp_path):
         assert final.keys() == state.keys() and all(torch.equal(final[k], v) for k, v in state.items())
     losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3  # one line per epoch: rank 1 wrote none of its own
+
+
+@pytest.mark.parametrize("failing, full", [(2, False), (4, False), (2, True)])  # 4: the failure surfaces in close()
+def test_a_full_disk_warns_once_and_never_stops_or_changes_the_training(tmp_path, monkeypatch, failing, full):
+    """The snapshot of epoch ``failing`` cannot be written; ``full``: nor anything after it (run.json too)."""
+    import errno
+
+    from hpa import files
+    from hpa.plugins import HpaWarning
+
+    plain = _everything(*_train(4))
+    write_new_file, refused = files._write_new_file, []
+
+    def disk_full(path, data):  # hpa's own lowest write (its temp file), as a full disk fails it
+        if f".epoch-{failing:03d}.safetensors." in path.name or (full and refused):
+            refused.append(path.name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_new_file(path, data)
+
+    monkeypatch.setattr(files, "_write_new_file", disk_full)
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracked = _everything(*_train(4, out=out))
+    assert _same(plain, tracked)  # training ran all 4 epochs, bit for bit as without the tracker
+    ours = [str(w.message) for w in caught if issubclass(w.category, HpaWarning)]
+    assert len(ours) == 1 + full, ours
+    assert f"stopped recording {out} at epoch {failing} (" in ours[0] and "No space left on device" in ours[0]
+    assert "training goes on" in ours[0]
+    run = hpa.open_run(out)
+    if full:  # run.json could not be marked either: the second line says so, and it is not marked complete
+        assert ours[1].startswith(f"hpa.Tracker could not mark {out / 'run.json'} failed")
+        assert run.record["status"] == "running" and any(name.startswith(".run.json.") for name in refused)
+    else:
+        assert run.record["status"] == "failed" and "No space left on device" in run.record["failure"]
+    before = list(range(failing))  # what was written before the failing epoch, and nothing after it
+    assert run.epochs() == before and run.metrics["epoch"].tolist() == before
+    assert sorted(set(run.series["epoch"])) == before and sorted(p.name for p in (out / "stats").glob("epoch-*")) == [
+        f"epoch-{epoch:03d}.json" for epoch in before]
+    assert [p.name for p in (out / "snapshots").iterdir() if p.name.startswith(".")] == []  # no temp file left
+    one = load_file(str(run.snapshots()[1]))
+    assert all(torch.equal(one[k], v) for k, v in _train(1)[0].state_dict().items())  # epoch 1's weights

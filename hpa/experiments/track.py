@@ -155,6 +155,7 @@ class Tracker:
         self.statistics = SnapshotStatistics(self.path, structure, probe, self.statistics,
                                              separate_statistics_process(device.type))
         self._lined = 0  # the last epoch with a metrics line
+        self._writing = 0  # the epoch the writer thread is writing
         # The host copies of the last two snapshots (see _submit); the second is allocated (and its pages
         # touched) now, so that no epoch() pays for fresh memory.
         self._buffers: list = [host_copy(self.module.state_dict())[0]]
@@ -181,6 +182,7 @@ class Tracker:
     def _write(self, epoch: int, gaps: list[dict], line: dict, state, ready) -> None:
         """On the writer thread, in the run folder's order: snapshot (and its statistics), metrics, dashboards."""
         ready()
+        self._writing = epoch  # what a failure names: one job is in flight at a time
         if state is not None:
             self.run.write_snapshot(epoch, state)
             self.statistics.record(epoch, self.path / snapshot_name(epoch))
@@ -199,8 +201,8 @@ class Tracker:
 
     def _stop(self, exc: BaseException) -> None:
         self._failed = f"{type(exc).__name__}: {exc}" if not isinstance(exc, HpaError) else str(exc)
-        warn(f"hpa.Tracker stopped recording {self.path} after epoch {self.last_epoch} ({self._failed}); "
-             "training goes on, and what was written is kept")
+        warn(f"hpa.Tracker stopped recording {self.path} at epoch {self._writing} ({self._failed}); "
+             "training goes on, and what was written before is kept")
 
     def _finish(self, status: str) -> None:
         self.record["status"] = status
@@ -209,7 +211,7 @@ class Tracker:
             self.record["failure"] = self._failed
         try:
             self.run.write_record(self.record)
-        except OSError as exc:
+        except (OSError, HpaError) as exc:  # atomic writes raise OutputError for the file system's errors
             warn(f"hpa.Tracker could not mark {self.path / RUN_JSON} {status} ({exc})")
 
     # -- checks ---------------------------------------------------------------------------------------
@@ -366,7 +368,7 @@ def _at_exit(writer, statistics, run, record) -> None:
     record["status"] = "incomplete"
     try:
         run.write_record(record)
-    except OSError:
+    except (OSError, HpaError):
         pass
 
 
