@@ -7,6 +7,7 @@ figures over epochs) ``hpa.render.series``; every other module is internal::
     result = hpa.analyse(graph, init=hpa.load("timm:vgg19", weights=None))
     result = hpa.scan("zoo:digits_cnn", compare_init=True)   # load + init + analyse
     result.to_dict(); result.to_csv("layers.csv"); result.plot("figures/")
+    tracker = hpa.Tracker(model, out="runs/mine", input_size=(3, 32, 32))   # from your own loop
 
 Heavy modules (torch, numpy) are imported on first use so that the command
 line starts fast.
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvGraph", "Experiment", "HpaError", "HpaWarning", "Layer", "LoadError", "LoadOptions", "Loader", "ModuleConverter",
     "NonFiniteWeightsError", "Option", "OptionError", "OutputError", "PluginError", "ReinitError", "RunSeries", "ScanResult", "Skipped", "SpecError",
-    "Statistic", "StatisticContext", "StatisticResult", "TrainingError", "UnknownOptionError", "UnsafeFileError",
+    "Statistic", "StatisticContext", "StatisticResult", "Tracker", "TrainingError", "UnknownOptionError", "UnsafeFileError",
     "UnsupportedModelError", "__version__", "analyse", "check_model_file", "hookimpl", "list_experiments",
     "list_loaders", "list_models", "list_statistics", "load", "module_converters", "open_run", "parse_input_size", "rebind",
     "reinit",
@@ -60,6 +61,7 @@ _LAZY = {
     "rebind": "hpa.rebind",  # a traced graph's structure with another state's numbers (numpy only)
     "reinit": "hpa.experiments.reinit",  # critical layers: reset each layer to each checkpoint
     "open_run": "hpa.experiments.open_run",  # a training run's metrics, series, graphs and figures
+    "Tracker": "hpa.experiments.track",  # a run folder written from the caller's own training loop
     # for plugin authors: a checked model path, and the module-converter registry the tracer reads
     "check_model_file": "hpa.files", "module_converters": "hpa.plugins",
 }
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     from hpa.render.series import RunSeries
     from hpa.experiments.open_run import open_run
     from hpa.experiments.reinit import reinit
+    from hpa.experiments.track import Tracker
     from hpa.options import LoadOptions, Option
     from hpa.registry import Experiment, Loader, ModuleConverter, Statistic, StatisticContext, StatisticResult
     from hpa.result import ScanResult

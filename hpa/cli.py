@@ -374,6 +374,8 @@ def _field_options(cls: type, section: str):
 @click.option("--random-labels", is_flag=True, default=None, help="Noise: the same as --label-noise 1.")
 @click.option("--stat", "statistics", multiple=True,
               help="Statistic run on every snapshot, repeatable; 'none' for none.  [default: projection]")
+@click.option("--log", "log", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also send each epoch's values to this dashboard (repeatable); needs hpa[NAME].")
 @click.option("--progress/--no-progress", "bars", default=None,
               help="A live bar per epoch on stderr.  [default: when stderr is a terminal; else one line per epoch]")
 @click.option("--quiet", is_flag=True, help="No progress on stderr (warnings and errors still show).")

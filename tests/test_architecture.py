@@ -23,9 +23,9 @@ HPA = ROOT / "hpa"
 FLOORS = {
     1: ("types", "rng", "layout"),  # torch-free: the plugin-facing types, the random streams, the run folder's names
     2: ("run", "open_run", "stats"),  # torch-free: writing and reading a run folder, per-epoch statistics
-    3: ("data", "augment", "noise", "model", "loop", "distributed"),  # the pieces of training
+    3: ("data", "augment", "noise", "model", "loop", "distributed", "loggers"),  # the pieces of training
     4: ("config", "background", "trainer"),  # a run's configuration, its background work, the trainer
-    5: ("train", "seeds", "analyse_run", "reinit"),  # one file per command
+    5: ("train", "seeds", "analyse_run", "reinit", "track"),  # one file per command (track: hpa.Tracker)
 }
 TORCH_FREE_FLOORS = (1, 2)
 HEAVY = ("torch", "torchvision", "safetensors.torch")
@@ -174,10 +174,11 @@ def test_render_never_imports_experiments():
 
 
 def test_the_core_never_imports_experiments_at_run_time():
-    """Only the command line (hpa/cli.py) runs experiments; hpa/__init__.py names them lazily, by string."""
+    """Only the command line (hpa/cli.py) and the integrations (hpa/integrations/, callbacks over hpa.Tracker)
+    use experiments; hpa/__init__.py names them lazily, by string."""
     wrong = [f"{MODULES[module].relative_to(ROOT)}:{line} imports {name}"
              for module, path in MODULES.items()
-             if not module.startswith("hpa.experiments") and module not in ("hpa.cli",)
+             if not module.startswith(("hpa.experiments", "hpa.integrations")) and module not in ("hpa.cli",)
              for name, line, _ in _imports(path) if name.startswith("hpa.experiments")]
     assert not wrong, "\n".join(wrong)
 

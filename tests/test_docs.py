@@ -91,7 +91,8 @@ def test_make_set_up_shows_the_log_only_when_it_fails(tmp_path):
 
 
 #: The documented namespaces: each lists its public names in ``__all__`` (README, "Where things live").
-PUBLIC_NAMESPACES = ("hpa", "hpa.experiments", "hpa.nn", "hpa.render.series")
+PUBLIC_NAMESPACES = ("hpa", "hpa.experiments", "hpa.integrations", "hpa.integrations.lightning",
+                     "hpa.integrations.transformers", "hpa.nn", "hpa.render.series")
 
 
 def test_the_readme_names_only_public_names():

@@ -293,7 +293,8 @@ def _bn_subject():
     images = rng.random((60, 1, 8, 8), dtype=np.float32)
     labels = rng.integers(0, 3, 60)
     dataset = Dataset(images, labels, images, labels, num_classes=3)
-    checkpoints = {0: {k: v.clone() for k, v in earlier.state_dict().items()}}
+    state = {k: v.clone() for k, v in earlier.state_dict().items()}
+    checkpoints = {0: lambda: state}  # epoch -> its weights, read when the sweep asks
     subject = _Subject(label="bn", seed=0, model=trained, structure=structure, dataset=dataset, task="bn",
                        init="default", checkpoints=checkpoints)
     return subject, copy.deepcopy(trained), earlier, images, labels

@@ -63,6 +63,18 @@ SAFETY = "tests/test_safety_paths.py"
 CIFAR = "plugins/cifar_task.py"
 SEEDS_SUMMARY = "tests/test_open_run.py::test_frames_and_the_summary_of_several_seeds_hold_each_seeds_values"
 ONNX_FILES = ("hpa/backends/onnx_graph.py", "hpa/backends/onnx/*.py")
+LOOP = "hpa/experiments/loop.py"
+DATA = "hpa/experiments/data.py"
+AUGMENT = "hpa/experiments/augment.py"
+NOISE = "hpa/experiments/noise.py"
+TYPES = "hpa/experiments/types.py"
+FIELDS = "tests/test_recipe_fields.py"
+PLAIN = f"{FIELDS}::test_trained_weights_equal_a_plain_loop_that_reads_the_recipe"
+PIXEL_NOISE = f"{FIELDS}::test_pixel_permutations_reach_the_images_trained_on_seeded_by_the_noise_seed"
+EDGES = "tests/test_cli_edges.py"
+OUTSIDE = f"{EDGES}::test_a_value_just_outside_its_bound_is_refused_before_anything_is_written"
+AT_BOUNDS = f"{EDGES}::test_values_exactly_at_their_bounds_train"
+TS_FLOW = "tests/test_torchscript_control_flow.py"
 
 MUTANTS = (
     # -- the twelve bugs of the audit that no test caught (issue 12) --
@@ -247,6 +259,106 @@ MUTANTS = (
     Mutant("stats: a re-analysed epoch's old series rows are kept beside the new", ("hpa/experiments/stats.py",),
            'kept = [row for row in self.rows if int(row["epoch"]) != epoch]', "kept = list(self.rows)",
            ("tests/test_open_run.py::test_analyse_run_gives_what_training_with_the_statistic_gives",)),
+    # -- recipe and noise fields at non-default values, and the edges of accepted values (issue 17, part 2);
+    # each is killed by tests/test_recipe_fields.py or tests/test_cli_edges.py (a tiny net on 40 images) --
+    Mutant("recipe: --momentum ignored (always 0.9)", (LOOP,),
+           "lr=recipe.lr, momentum=recipe.momentum,", "lr=recipe.lr, momentum=0.9,", (f"{PLAIN}[step]",)),
+    Mutant("recipe: --weight-decay ignored (always 5e-4)", (LOOP,),
+           "weight_decay=recipe.weight_decay, **kernel)", "weight_decay=5e-4, **kernel)", (f"{PLAIN}[step]",)),
+    Mutant("recipe: --step-factor ignored (always 0.1)", (TYPES,),
+           "return self.lr * self.step_factor ** (done // self.step_epochs)",
+           "return self.lr * 0.1 ** (done // self.step_epochs)", (f"{PLAIN}[step]",)),
+    Mutant("recipe: the first step decay one epoch early", (TYPES,),
+           "return self.lr * self.step_factor ** (done // self.step_epochs)",
+           "return self.lr * self.step_factor ** (epoch // self.step_epochs)", (f"{PLAIN}[step]",)),
+    Mutant("recipe: the exponential schedule decays in the first epoch already", (TYPES,),
+           "return self.lr * self.gamma ** done", "return self.lr * self.gamma ** epoch", (f"{PLAIN}[exponential]",)),
+    Mutant("recipe: the constant schedule decays by --step-factor", (TYPES,),
+           '        if self.schedule == "step":\n', '        if self.schedule in ("step", "constant"):\n',
+           (f"{PLAIN}[constant]",)),
+    Mutant("recipe: --no-flip still flips", (AUGMENT,),
+           "    if not flip:\n        flips = torch.zeros_like(flips)\n",
+           "    if False:\n        flips = torch.zeros_like(flips)\n", (f"{PLAIN}[step]",)),
+    Mutant("recipe: vertical shifts only downwards (0..S, not -S..S)", (AUGMENT,),
+           "    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=gen)",
+           "    dy = torch.randint(0, shift + 1, (batch,), generator=gen)", (f"{PLAIN}[step]",)),
+    Mutant("recipe: --batch-size ignored (always 128)", (LOOP,),
+           "data.train_batches(seed, epoch, recipe.batch_size)", "data.train_batches(seed, epoch, 128)",
+           (f"{PLAIN}[step]",)),
+    Mutant("recipe: the held-out images are trained on too", (DATA,),
+           "images, labels = dataset.train_images[train_idx], trained_on[train_idx]",
+           "images, labels = dataset.train_images, trained_on", (f"{PLAIN}[step]",)),
+    Mutant("recipe: dropout draws the same masks every epoch", (LOOP,),
+           'torch.manual_seed(stream_seed(seed, "dropout", epoch))', 'torch.manual_seed(stream_seed(seed, "dropout", 0))',
+           (f"{FIELDS}::test_dropout_masks_differ_between_epochs_and_repeat_with_the_seed",)),
+    Mutant("recipe: the held-out count of a class floored, not rounded", (DATA,),
+           "count = int(round(fraction * len(members)))", "count = int(fraction * len(members))",
+           (f"{FIELDS}::test_validation_holds_out_round_f_times_each_class",)),
+    Mutant("noise: the corrupted labels are recorded but the clean ones trained on", (DATA,),
+           "trained_on = dataset.train_labels if train_labels is None else train_labels",
+           "trained_on = dataset.train_labels", (f"{FIELDS}::test_label_noise_reported_is_the_fraction_trained_on",)),
+    Mutant("noise: --noise-seed ignored (the run seed draws the corruption)", (DATA,),
+           "seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed",
+           "seed = config.seed", (f"{PIXEL_NOISE}[random_pixels]",)),
+    Mutant("noise: the test images' permutations are the training images' first ones", (NOISE,),
+           "pixel_orders(len(test), size, seed, 1)", "pixel_orders(len(test), size, seed, 0)",
+           (f"{PIXEL_NOISE}[random_pixels]",)),
+    Mutant("noise: --shuffle-pixels draws a permutation per image", (NOISE,),
+           '    if kind == "shuffle_pixels":\n        record["pixels"] = "one permutation"',
+           '    if False:\n        record["pixels"] = "one permutation"', (f"{PIXEL_NOISE}[shuffle_pixels]",)),
+    Mutant("noise: Gaussian images with one mean and std for all channels", (NOISE,),
+           "return noise * np.asarray(std, np.float32).reshape(per_channel) + "
+           "np.asarray(mean, np.float32).reshape(per_channel)",
+           "return noise * np.float32(np.mean(std)) + np.float32(np.mean(mean))",
+           (f"{FIELDS}::test_gaussian_images_have_the_training_parts_channel_moments",)),
+    Mutant("edges: a --validation that leaves no training image creates the run", (DATA,),
+           "    if len(train_index) == 0:\n", "    if False:\n", (f"{OUTSIDE}[--validation 0.95]",)),
+    Mutant("edges: a negative --seed reaches numpy", ("hpa/experiments/config.py",),
+           'if given["seed"] is not None and given["seed"] < 0:', "if False:", (f"{OUTSIDE}[--seed -1]",)),
+    Mutant("edges: --label-noise 1 refused", (TYPES,),
+           "if not 0.0 <= noise.label_noise <= 1.0:", "if not 0.0 <= noise.label_noise < 1.0:", (AT_BOUNDS,)),
+    Mutant("edges: --momentum 0 refused", (TYPES,),
+           "if not getattr(recipe, name) >= 0 or not math.isfinite", "if not getattr(recipe, name) > 0 or not math.isfinite",
+           (AT_BOUNDS,)),
+    Mutant("edges: a CIFAR label equal to the number of classes accepted", (CIFAR,),
+           "not all(0 <= int(v) < num_classes for v in labels)", "not all(0 <= int(v) <= num_classes for v in labels)",
+           (f"{EDGES}::test_a_cifar_label_must_name_one_of_the_classes[10-False]",)),
+    Mutant("edges: reinit --draws 1 refused", (REINIT,),
+           "    if draws < 1:\n", "    if draws <= 1:\n", (f"{EDGES}::test_reinit_at_its_edges_works",)),
+    # -- the scan half's newer readers (issue 18) --
+    Mutant("TorchScript: sibling ifs share one scope", ("hpa/backends/torchscript_graph.py",),
+           "        counters[op] = counters.get(op, 0) + 1\n", "        counters[op] = counters.get(op, 0)\n",
+           ("tests/test_torchscript_sibling_ifs.py::test_sibling_ifs_get_scopes_of_their_own",)),
+    Mutant("TorchScript: a loop body read without its scope", ("hpa/backends/torchscript_graph.py",),
+           '        inner = path if path == scope else f"{path}/body"\n', "        inner = scope\n",
+           (f"{TS_FLOW}::test_convs_in_loops_are_found_once_per_body",)),
+    Mutant("quantized: the zero point subtracted after scaling", ("hpa/backends/onnx/quantized.py",),
+           "    if zero_point is not None:\n        values -= _broadcast(np.asarray(zero_point, np.float32), shape, axis)\n"
+           "    values *= _broadcast(np.asarray(scale, np.float32), shape, axis)\n",
+           "    values *= _broadcast(np.asarray(scale, np.float32), shape, axis)\n    if zero_point is not None:\n"
+           "        values -= _broadcast(np.asarray(zero_point, np.float32), shape, axis)\n",
+           ("tests/test_quantized.py::test_weights_are_dequantized_and_numbers_are_the_dequantized_models",)),
+    Mutant("quantized: DequantizeLinear's axis attribute ignored (per-channel scales along axis 1)",
+           ("hpa/backends/onnx/constants.py",),
+           'axis=int(attrs.get("axis", 1)) % max(x.ndim, 1)', "axis=1 % max(x.ndim, 1)",
+           ("tests/test_quantized_per_channel.py::test_per_channel_scales_run_along_the_filters",)),
+    Mutant("Lightning: a checkpoint's foreign globals imported and called, not inert placeholders",
+           ("hpa/backends/torch_files.py",),
+           "        allowed = _weights_only_globals().get(qualified)\n",
+           "        return pickle.Unpickler.find_class(self, module, name)\n",
+           ("tests/test_lightning_checkpoints.py::test_an_extra_entry_that_would_run_code_never_runs",)),
+    Mutant("Lightning: a placeholder's call goes unrecorded (code-asking entries accepted)",
+           ("hpa/backends/torch_files.py",),
+           "        cls._hpa_log.calls.append(cls._hpa_global)\n", "",
+           ("tests/test_lightning_checkpoints.py::test_an_extra_entry_that_would_run_code_never_runs",)),
+    Mutant("state_dict: a linear layer named like an embedding skipped despite its bias", ("hpa/backends/state_dict.py",),
+           'if words & _EMBEDDING_WORDS and len(shape) == 2 and "bias" not in tensors:',
+           "if words & _EMBEDDING_WORDS and len(shape) == 2:",
+           ("tests/test_state_dict_norms.py::test_a_linear_layer_named_like_an_embedding_keeps_its_bias_and_stays_linear",)),
+    Mutant("state_dict: norm1, ln_1 not read as norms (digits not a word break)", ("hpa/backends/state_dict.py",),
+           'return {w for w in re.split(r"[_\\d]+", name.lower()) if w}',
+           'return {w for w in re.split(r"_+", name.lower()) if w}',
+           ("tests/test_state_dict_norms.py::test_norms_embeddings_and_tokens_are_listed_never_analysed",)),
     # -- ONNX last: its loader is being split into a package, so these are found by snippet --
     Mutant("onnx: pads begin/end swapped", ONNX_FILES,
            "return tuple((pads[i], pads[i + dims]) for i in range(dims))\n",

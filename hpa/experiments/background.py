@@ -21,34 +21,40 @@ from hpa.files import atomic_write_text
 from hpa.rebind import rebind
 
 
-def host_copy(tree):
+def host_copy(tree, into=None):
     """``tree`` (a state dict, nested dicts/lists of tensors) with every tensor copied to host memory.
 
     Returns (copy, ready): on CUDA the copies go to pinned memory without blocking the GPU and
-    ``ready()`` waits for them; on CPU they are plain clones and ``ready()`` returns at once.
+    ``ready()`` waits for them; on CPU they are plain copies and ``ready()`` returns at once.
+    ``into``: an earlier copy of the same tree whose tensors are no longer read, reused as the
+    destination (no allocation: on a CPU the fresh pages of a new copy cost as much as the copying).
     """
     event = None
 
-    def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    def copy_tensor(tensor: torch.Tensor, target) -> torch.Tensor:
         nonlocal event
         tensor = tensor.detach()
-        if tensor.device.type != "cuda":
+        cuda = tensor.device.type == "cuda"
+        reusable = isinstance(target, torch.Tensor) and target.shape == tensor.shape and target.dtype == tensor.dtype
+        if not reusable and not cuda:
             return tensor.clone()
-        host = torch.empty_like(tensor, device="cpu", pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        event = event or torch.cuda.Event()
+        host = target if reusable else torch.empty_like(tensor, device="cpu", pin_memory=True)
+        host.copy_(tensor, non_blocking=cuda)
+        event = event or (torch.cuda.Event() if cuda else None)
         return host
 
-    def walk(value):
+    def walk(value, target):
         if isinstance(value, torch.Tensor):
-            return copy_tensor(value)
+            return copy_tensor(value, target)
         if isinstance(value, dict):
-            return type(value)((key, walk(item)) for key, item in value.items())
+            target = target if isinstance(target, dict) else {}
+            return type(value)((key, walk(item, target.get(key))) for key, item in value.items())
         if isinstance(value, (list, tuple)):
-            return type(value)(walk(item) for item in value)
+            target = target if isinstance(target, (list, tuple)) and len(target) == len(value) else [None] * len(value)
+            return type(value)(walk(item, old) for item, old in zip(value, target))
         return value
 
-    copied = walk(tree)
+    copied = walk(tree, into)
     if event is not None:
         event.record()  # after every copy was queued on the current stream
     return copied, (event.synchronize if event is not None else (lambda: None))
@@ -137,6 +143,15 @@ class SnapshotStatistics:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def separate_statistics_process(device_type: str) -> bool:
+    """Whether a run's statistics go to a separate CPU process: for CUDA training (HPA_STATISTICS_PROCESS
+    1 or 0 forces the choice), else onto the writer thread, which keeps CPU runs bitwise resumable."""
+    import os
+
+    choice = os.environ.get("HPA_STATISTICS_PROCESS")
+    return device_type == "cuda" if choice is None else choice == "1"
 
 
 def _rebinds(structure, model) -> bool:

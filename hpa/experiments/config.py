@@ -93,6 +93,8 @@ def new_config(task: Task, given: dict[str, Any]) -> TrainConfig:
         recipe = dataclasses.replace(recipe, init=architecture_init(arch))
     noise = Noise(**{**named.noise, **{k: given[k] for k in noise_fields() if given.get(k) is not None}})
     check_noise(noise)
+    if given["seed"] is not None and given["seed"] < 0:
+        raise OptionError(f"--seed must be zero or a positive integer, not {given['seed']}")
     check_recipe(recipe)
     every = given["snapshot_every"] if given["snapshot_every"] is not None else 1
     if every < 1:

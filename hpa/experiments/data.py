@@ -192,6 +192,9 @@ def dataset_as_trained(dataset: Dataset, config) -> NoisyData:
     says.  Deterministic, so a resumed run (or ``hpa reinit``) rebuilds exactly the data the run saw.
     """
     train_index, _ = stratified_split(dataset.train_labels, config.recipe.validation, config.seed)
+    if len(train_index) == 0:
+        raise OptionError(f"--validation {config.recipe.validation} holds out all {len(dataset.train_labels)} "
+                          "training images, so none is left to train on; choose a smaller fraction")
     seed = config.seed if config.noise.noise_seed is None else config.noise.noise_seed
     noisy = corrupt_dataset(dataset, config.noise, train_index, seed)
     mean, std = pixel_normalisation(dataset, config.recipe.pixels, train_index)

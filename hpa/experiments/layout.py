@@ -39,6 +39,8 @@ FIGURES = "figures"
 SEEDS_JSON = "seeds.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
+RESERVED = ("epoch", "snapshot", "snapshot_sha256")  # metrics.jsonl keys hpa writes itself
+TRACKER = "hpa.Tracker"  # run.json's "writer" of a run recorded from the caller's own loop (hpa train's has none)
 
 
 def snapshot_name(epoch: int) -> str:

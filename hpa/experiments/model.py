@@ -114,3 +114,12 @@ def graph_record(graph, arch: str) -> dict[str, Any]:
         "skipped": [skipped.to_dict() for skipped in graph.skipped],
     }
 
+
+def unwrapped(model):
+    """The module whose state dict names the weights: not a DDP/DataParallel wrapper nor a compiled one."""
+    for attribute in ("_orig_mod", "module"):
+        inner = getattr(model, attribute, None)
+        if inner is not None and type(model).__name__ in ("OptimizedModule", "DistributedDataParallel",
+                                                           "DataParallel"):
+            return unwrapped(inner)
+    return model

@@ -171,6 +171,17 @@ class RunFolder:
             return f"is damaged ({type(exc).__name__})"
         return None
 
+    def snapshot_state(self, epoch: int) -> dict:
+        """The weights of ``epoch``'s snapshot as torch tensors, checked first (a RunFolderError names the fix)."""
+        from safetensors.torch import load_file  # here, not at the top: this floor imports no torch
+
+        path = self.check_snapshot(epoch)
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # changed since it was checked; safetensors raises its own error types
+            raise self.damaged(snapshot_name(epoch), f"is unreadable ({type(exc).__name__})",
+                               self.snapshot_fix(epoch)) from None
+
     def snapshot_fix(self, epoch: int) -> str:
         """How the snapshot of ``epoch`` can be had again."""
         if epoch == 0:

@@ -26,16 +26,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import hpa
 from hpa.backends.torch_files import read_state_dict
 from hpa.errors import LoadError, OptionError, ReinitError, suggest
 from hpa.experiments.config import config_from_record, get_task, resolve_device
 from hpa.experiments.data import Normalisation, Split, dataset_as_trained
-from hpa.experiments.layout import RUN_JSON, is_seed_folder, seed_folder
+from hpa.experiments.layout import RUN_JSON, TRACKER, is_seed_folder, seed_folder
 from hpa.experiments.loop import EVAL_BATCH, evaluate
-from hpa.experiments.model import build_model, initialise
+from hpa.experiments.model import build_model, initialise, unwrapped
 from hpa.experiments.open_run import RunFolder, read_seeds
 from hpa.files import atomic_directory, check_model_file, check_output_dir
 from hpa.rebind import rebind
@@ -62,15 +61,17 @@ class _Subject:
     dataset: Any  # hpa.experiments.Dataset
     task: str
     init: str  # the run's init scheme (types.INIT_SCHEMES): how --rerandomize draws a layer
-    checkpoints: dict[int, Path | dict] = field(default_factory=dict)  # epoch -> snapshot file or state
+    checkpoints: dict[int, Callable[[], dict]] = field(default_factory=dict)  # epoch -> its weights, read when asked
     init_std: float = 0.01  # the std of init "normal"
+    evaluate: Callable[[Any], Any] | None = None  # a tracker run's: the caller's evaluation, instead of a test split
 
 
 def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, layers: list[str] | None = None,
            with_linear: bool = False, rerandomize: bool = False, draws: int = 1, reset_bn: bool = False,
            device: str = "cpu", weights: str | None = None, plugin: str | None = None,
            data: str | os.PathLike | None = None, seed: int = 0, batch_size: int = EVAL_BATCH,
-           progress: Callable[[str], None] | None = None) -> ReinitResult:
+           progress: Callable[[str], None] | None = None, model: Any = None,
+           evaluate: Callable[[Any], Any] | None = None) -> ReinitResult:
     """Reset each layer of a trained model to each checkpoint, evaluate on the test split; returns a ReinitResult.
 
     ``run_or_spec``: an ``hpa train`` run folder (several seeds: every ``seed-N``), or a loader
@@ -80,17 +81,22 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
     one).  ``layers``: layer names (default: every conv, and linear with ``with_linear``).
     ``rerandomize``: draw each layer fresh from the architecture's initialiser instead,
     ``draws`` times, seeded; the cells then have epoch None.  ``reset_bn``: reset the
-    BatchNorm folded into the layer as well.  Raises ReinitError / OptionError for bad input.
+    BatchNorm folded into the layer as well.  A run recorded by :class:`hpa.Tracker` needs
+    ``model`` (a module of its architecture; a copy is swept, the final snapshot loaded into
+    it) and ``evaluate(module) -> accuracy`` or ``(accuracy, loss)``, the caller's own test.
+    Raises ReinitError / OptionError for bad input.
     """
     if draws < 1:
         raise OptionError(f"--draws must be a positive number of draws, not {draws}")
+    if seed < 0:
+        raise OptionError(f"--seed must be zero or a positive integer, not {seed}")
     if rerandomize and epochs is not None:
         raise OptionError("--epochs does not apply with --rerandomize (layers are drawn fresh, not reset to a "
                           "checkpoint); leave out one of them")
     progress = progress or (lambda line: None)
     device = _device(device)
     subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device,
-                         epochs=[] if rerandomize else epochs)
+                         epochs=[] if rerandomize else epochs, own=(model, evaluate))
     rows, trained, n_l = [], {}, {}
     with torch.no_grad():  # not inference_mode: --rerandomize initialises copies of modules in place
         for make_subject in subjects:  # one model in memory at a time
@@ -135,17 +141,22 @@ def result_folder(run_or_spec, out) -> Path:
 
 # -- the subjects: run folders or a spec ---------------------------------------------------------
 
-def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None) -> list[Callable[[], _Subject]]:
+def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None,
+              own=(None, None)) -> list[Callable[[], _Subject]]:
     """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time.
 
     A run folder's files are all checked here, before any model is built or any progress shown.
+    ``own``: (module, evaluate) of a run recorded by hpa.Tracker.
     """
     path = Path(run_or_spec).expanduser()
     if path.is_dir():
         if weights is not None or plugin is not None:
             raise OptionError(f"{path} is a run folder: its task and snapshots are recorded; leave out "
                               "--weights and --plugin")
-        return [partial(_subject_from_run, folder, device, data) for folder in _run_folders(path, epochs)]
+        folders = _run_folders(path, epochs)
+        if _tracked(folders[0]) or own != (None, None):
+            return [partial(_subject_from_tracker, folder, device, *own) for folder in folders]
+        return [partial(_subject_from_run, folder, device, data) for folder in folders]
     if plugin is None:
         raise OptionError(f"{run_or_spec} is neither a run folder nor usable without a task; give an "
                           "'hpa train' run folder, or a spec with --weights FILE --plugin TASK")
@@ -197,10 +208,33 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
     recipe = config_from_record(record).recipe
     model, structure = build_model(config["arch"], dataset, config["seed"], recipe.init, task.name, recipe.init_std)
     final = max(saved)
-    _load_state(model, _read_snapshot(saved[final]), saved[final])
+    _load_state(model, reader.snapshot_state(final), saved[final])
     return _Subject(label=folder.name if is_seed_folder(folder) else seed_folder(folder, config["seed"]).name,
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
-                    task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=dict(saved))
+                    task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=_readers(reader))
+
+
+def _tracked(folder: Path) -> bool:
+    return RunFolder.open(folder).record().get("writer") == TRACKER
+
+
+def _subject_from_tracker(folder: Path, device, model, evaluate) -> _Subject:
+    """A run hpa.Tracker recorded: the caller's module (a copy, the final snapshot loaded) and evaluation."""
+    if not _tracked(folder):
+        raise OptionError(f"model= and evaluate= are for runs recorded by hpa.Tracker; {folder} was trained by "
+                          "hpa train, whose task is recorded: leave them out")
+    if model is None or not callable(evaluate):
+        raise ReinitError(f"{folder} was recorded by hpa.Tracker from your own module, which hpa cannot rebuild; "
+                          f"call hpa.reinit({str(folder)!r}, model=MODULE, evaluate=FUNCTION) in Python, with "
+                          "evaluate(module) returning the test accuracy (or accuracy, loss)")
+    reader = RunFolder.open(folder)
+    config, saved = reader.record()["config"], reader.snapshots()
+    module = copy.deepcopy(unwrapped(model))
+    final = max(saved)
+    _load_state(module, reader.snapshot_state(final), saved[final])
+    return _Subject(label=seed_folder(folder, config["seed"]).name, seed=int(config["seed"]), model=module.to(device),
+                    structure=reader.structure(), dataset=None, task=str(config["arch"]), init="default",
+                    checkpoints=_readers(reader), evaluate=evaluate)
 
 
 def _as_trained(dataset, record: dict):
@@ -219,7 +253,7 @@ def _subject_from_spec(spec: str, weights, plugin: str, data, seed: int, device)
     trained = _with_weights(fresh, weights)
     return _Subject(label=spec, seed=seed, model=trained.to(device), structure=structure, dataset=dataset,
                     task=task.name, init="default",
-                    checkpoints={0: {k: v.detach().clone() for k, v in fresh.state_dict().items()}})
+                    checkpoints={0: partial(dict, {k: v.detach().clone() for k, v in fresh.state_dict().items()})})
 
 
 def _with_weights(fresh, weights) -> Any:
@@ -235,12 +269,9 @@ def _with_weights(fresh, weights) -> Any:
     return model
 
 
-def _read_snapshot(path: Path) -> dict:
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a damaged header or body
-        raise LoadError(f"{path} is unreadable ({type(exc).__name__}); the snapshot is damaged: restore it from a "
-                        "backup, or leave its epoch out with --epochs") from None
+def _readers(reader: RunFolder) -> dict[int, Callable[[], dict]]:
+    """Each snapshot's weights, read through the run folder's reader when the sweep reaches its epoch."""
+    return {epoch: partial(reader.snapshot_state, epoch) for epoch in reader.snapshot_epochs()}
 
 
 def _load_state(model, state: dict, path) -> None:
@@ -263,7 +294,7 @@ class _Sweep:
         self.layers = _choose_layers(subject.structure, layers, with_linear)
         self.roles = LAYER_ROLES + (BN_ROLES if reset_bn else ())
         self.epochs = [] if rerandomize else _choose_epochs(subject, epochs)
-        self.test = _test_split(subject.dataset, subject.task, device)
+        self.test = _test_split(subject.dataset, subject.task, device) if subject.evaluate is None else None
         self.live = subject.model.state_dict()  # shares storage with the parameters: copy_ changes the model
         self.trained_tensors = {key: self.live[key].clone() for key in self._keys()}
 
@@ -276,7 +307,7 @@ class _Sweep:
 
     def run(self, progress, with_label: bool) -> list[dict[str, Any]]:
         self.subject.model.eval()
-        accuracy, loss = _evaluate(self.subject.model, self.test, self.batch_size)
+        accuracy, loss = self._evaluate()
         self.trained = {"accuracy": accuracy, "loss": loss}
         columns = ["random"] if self.rerandomize else self.epochs
         total = len(columns) * len(self.layers)
@@ -305,8 +336,7 @@ class _Sweep:
 
     def _checkpoint_tensors(self, epoch: int) -> dict:
         """The chosen layers' tensors at ``epoch``, on the device; each snapshot file is read once."""
-        source = self.subject.checkpoints[epoch]
-        state = _read_snapshot(source) if isinstance(source, Path) else source
+        state = self.subject.checkpoints[epoch]()
         missing = [key for key in self._keys() if key not in state]
         if missing:
             raise LoadError(f"the epoch-{epoch} checkpoint has no {missing[0]!r}; it is not a state of this "
@@ -346,10 +376,16 @@ class _Sweep:
         for key, value in tensors.items():
             self.live[key].copy_(value)
         try:
-            return _evaluate(self.subject.model, self.test, self.batch_size)
+            return self._evaluate()
         finally:
             for key in tensors:
                 self.live[key].copy_(self.trained_tensors[key])
+
+    def _evaluate(self) -> tuple[float, float | None]:
+        """(accuracy, loss) of the model as it is now: on the task's test split, or by the caller's evaluate."""
+        if self.subject.evaluate is None:
+            return _evaluate(self.subject.model, self.test, self.batch_size)
+        return _own_result(self.subject.evaluate(self.subject.model))
 
     def _row(self, layer, epoch, accuracy: float, loss: float) -> dict[str, Any]:
         trained = self.trained["accuracy"]
@@ -363,12 +399,27 @@ class _Sweep:
         try:
             graph = rebind(self.subject.structure, state)
         except LoadError:  # a layer computed in the forward pass: trace the trained module instead
-            graph = hpa.load(self.subject.model, input_size=self.subject.dataset.input_size)
+            size = self.subject.structure.input_shape if self.subject.dataset is None else \
+                self.subject.dataset.input_size
+            graph = hpa.load(self.subject.model, input_size=size)
         # with_linear: a swept layer gets its n_l even where scans skip it by default (a linear
         # layer, or a conv on a 1x1 plane, which acts as one).
         result = hpa.analyse(graph, statistics=["projection"], with_linear=True)
         rows = {row["name"]: row.get("projection.n_l") for row in result.layer_rows()}
         return {layer.name: rows.get(layer.name) for layer in self.layers}
+
+
+def _own_result(value) -> tuple[float, float | None]:
+    """The caller's evaluate() result as (accuracy, loss): a number, or a pair of numbers."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, None)
+    try:
+        accuracy, loss = float(pair[0]), None if len(pair) < 2 or pair[1] is None else float(pair[1])
+    except (TypeError, ValueError, IndexError):
+        accuracy = loss = math.nan
+    if len(pair) > 2 or not math.isfinite(accuracy) or (loss is not None and not math.isfinite(loss)):
+        raise ReinitError(f"evaluate(module) must return the test accuracy, or (accuracy, loss), as finite "
+                          f"numbers; it returned {value!r}")
+    return accuracy, loss
 
 
 def _initialise(module, init: str, seed: int, std: float) -> None:
@@ -426,8 +477,9 @@ def _evaluate(model, test, batch_size: int) -> tuple[float, float]:
     return accuracy, loss
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _mean(values: list[float | None]) -> float | None:
+    """The mean; None when a value is (a tracker run's evaluate may give no loss)."""
+    return None if None in values else sum(values) / len(values)
 
 
 def _std(values: list[float]) -> float:

@@ -149,10 +149,8 @@ class RunDir:
         good = [epoch for epoch in reversed(reader.snapshot_epochs()) if reader.snapshot_problem(epoch) is None]
         if not good:
             raise LoadError(f"{reason}, and no snapshot is whole either; delete {self.path} and start again")
-        from safetensors.torch import load_file
-
         epoch = good[0]
-        state = {"epoch": epoch, "model": load_file(str(self.path / snapshot_name(epoch))), "optimizer": None}
+        state = {"epoch": epoch, "model": reader.snapshot_state(epoch), "optimizer": None}
         if last_epoch is not None and epoch >= last_epoch:
             after = "the run is complete, so nothing is trained again"
         elif epoch == 0:

@@ -36,8 +36,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise OptionError(f"--seeds takes comma-separated integers such as 0,1,2, not {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise OptionError(f"--seeds needs distinct integers such as 0,1,2, not {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise OptionError(f"--seeds needs distinct integers of zero or more such as 0,1,2, not {text!r}")
     return seeds
 
 

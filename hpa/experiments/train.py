@@ -12,6 +12,8 @@ from typing import Any, Callable
 from hpa.errors import OptionError
 from hpa.experiments.config import command_line, config_from_record, get_task, new_config, refuse_differences
 from hpa.experiments.distributed import is_lead
+from hpa.experiments.layout import TRACKER
+from hpa.experiments.loggers import Loggers
 from hpa.experiments.run import RunDir
 from hpa.experiments.trainer import Trainer
 from hpa.experiments.types import noise_fields, noise_from_flags, recipe_fields
@@ -23,14 +25,15 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
           statistics: tuple[str, ...] | list[str] | None = None,
           precision: str | None = None, compiled: bool | None = None, cpu_threads: int | None = None,
           progress: Callable[[str], None] | None = None, command: str | None = None,
-          recipe_name: str | None = None, **recipe_values: Any) -> Path:
+          recipe_name: str | None = None, log: tuple[str, ...] | list[str] = (), **recipe_values: Any) -> Path:
     """Train ``task`` into the new folder ``out``, or continue the run in ``resume``; returns the folder.
 
     ``recipe_name`` is a named recipe (types.NAMED_RECIPES, default "paper") whose fields replace
     the task's defaults.  ``recipe_values`` are :class:`Recipe` fields, which override it in turn,
     and :class:`Noise` fields (plus ``random_labels=True``, i.e. ``label_noise=1``).  None (like
     every other None) means "the default" for a new run and "as recorded" for a resumed one,
-    where any other value that differs from the record is refused.
+    where any other value that differs from the record is refused.  ``log``: dashboards that
+    also get each epoch's values (hpa.experiments.loggers: tensorboard, wandb, mlflow).
     """
     noise_given = noise_from_flags(recipe_values)  # random_labels resolved; a conflict is refused
     recipe_values = {k: v for k, v in recipe_values.items() if k not in (*noise_fields(), "random_labels")}
@@ -47,6 +50,9 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
             raise OptionError("give either --out (a new run) or --resume (an existing one), not both")
         run = RunDir.open(resume)  # run.json checked: damaged, it is refused in one line
         record = run.read_record()
+        if record.get("writer") == TRACKER:
+            raise OptionError(f"{run.path} was recorded by hpa.Tracker from your own training loop; continue it "
+                              "there (a new hpa.Tracker with another out=), hpa train cannot")
         config = config_from_record(record)
         refuse_differences(config, given)
         if is_lead():
@@ -59,15 +65,11 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
         if is_lead():  # under torch.distributed only rank 0 touches the run folder
             RunDir.check_new(out)  # before the (possibly slow) data loading; created once all is known to work
         run, record = None, None
-    trainer = Trainer(config, data, download, progress)
+    loggers = Loggers(log if is_lead() else ())  # names and packages checked before the data is loaded
+    trainer = Trainer(config, data, download, progress, loggers)
     if run is None:
         run = RunDir.create(out) if is_lead() else RunDir(Path(out).expanduser())
         trainer.start(run, command or command_line())
     else:
         trainer.resume(run, record, command or command_line())
     return run.path
-
-
-# -- configuration ---------------------------------------------------------------------------
-
-# -- the trainer ----------------------------------------------------------------------------

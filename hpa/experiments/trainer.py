@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import time
 import warnings
@@ -21,11 +20,12 @@ from typing import Any, Callable
 import torch
 
 from hpa.errors import HpaWarning, OptionError, TrainingError, TrainingInterrupted
-from hpa.experiments.background import BackgroundWriter, SnapshotStatistics, host_copy
+from hpa.experiments.background import BackgroundWriter, SnapshotStatistics, host_copy, separate_statistics_process
 from hpa.experiments.config import TrainConfig, get_task
 from hpa.experiments.data import DeviceData, dataset_as_trained, stratified_split
 from hpa.experiments.distributed import join
 from hpa.experiments.layout import RUN_FORMAT, snapshot_name
+from hpa.experiments.loggers import Loggers
 from hpa.experiments.loop import evaluate_split, make_optimizer, memory_format, steady_host_memory, train_one_epoch
 from hpa.experiments.model import build_model, graph_record
 from hpa.experiments.open_run import open_run
@@ -35,8 +35,8 @@ from hpa.experiments.run import RunDir
 class Trainer:
     """Trains ``config`` into a run folder: :meth:`start` a new one, or :meth:`resume` one from run.json."""
 
-    def __init__(self, config: TrainConfig, data, download: bool, progress) -> None:
-        self.config = config
+    def __init__(self, config: TrainConfig, data, download: bool, progress, loggers: Loggers) -> None:
+        self.config, self.loggers = config, loggers
         self.world = join(config.device)  # None unless started by torchrun with several processes
         self.lead = self.world is None or self.world.lead
         self.progress = (progress if self.lead else None) or (lambda line: None)
@@ -97,10 +97,8 @@ class Trainer:
         self._loop(first_epoch=done + 1)
 
     def _statistics(self, run: RunDir):
-        """Statistics of each snapshot: in a separate CPU process for CUDA runs (HPA_STATISTICS_PROCESS=1
-        or 0 forces the choice), else on the writer thread, which keeps CPU runs bitwise resumable."""
-        choice = os.environ.get("HPA_STATISTICS_PROCESS")
-        separate = self.device.type == "cuda" if choice is None else choice == "1"
+        """Statistics of each snapshot, off the training path (background.separate_statistics_process says where)."""
+        separate = separate_statistics_process(self.device.type)
         return SnapshotStatistics(run.path, self.structure, self.model, self.config.statistics, separate)
 
     # -- the epochs -----------------------------------------------------------------------------
@@ -123,6 +121,7 @@ class Trainer:
                     self._epoch(data, epoch)
             self.writer.close()
             self.statistics.close()
+            self.loggers.publish(self.run.path)
         except BaseException as exc:
             self._close_writer_after(exc)
             if isinstance(exc, TrainingError):
@@ -132,6 +131,7 @@ class Trainer:
                 raise TrainingInterrupted.of(self.run.path) from None
             raise
         finally:
+            self.loggers.close()
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
             if self.world is not None:
@@ -187,6 +187,7 @@ class Trainer:
             self.statistics.record(epoch, self.run.path / line["snapshot"])
         self.run.append_metrics(line)
         self.run.write_state(epoch, model_state, optimizer_state)
+        self.loggers.publish(self.run.path)  # dashboards (--log): the epochs whose values are all written
 
     def _counted(self, data, epoch: int):
         """``data``, reporting each batch to a progress bar when the caller's ``progress`` draws one."""
@@ -223,7 +224,7 @@ class Trainer:
             "noise": self.noise_report,
             "normalisation": {"pixels": self.config.recipe.pixels, "mean": list(self.dataset.mean),
                               "std": list(self.dataset.std)},
-            "versions": _versions(),
+            "versions": versions(),
             "host": {"platform": f"{platform.system()}-{platform.machine()}", "python": platform.python_version(),
                      "threads": self.config.cpu_threads or _threads(),
                      "device_name": _device_name(self.device)},
@@ -270,7 +271,7 @@ def _progress_line(line: dict[str, Any], epochs: int) -> str:
             f"  test acc {number('test_accuracy')}  {line['seconds']:.1f}s")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {}
     for dist in ("hpa", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors"):
         try:

@@ -224,6 +224,8 @@ def check_noise(noise: Noise) -> None:
     """Refuse values that cannot be meant (an OptionError naming the flag)."""
     if not 0.0 <= noise.label_noise <= 1.0:
         raise OptionError(f"--label-noise must be a probability in [0, 1], not {noise.label_noise}")
+    if noise.noise_seed is not None and noise.noise_seed < 0:
+        raise OptionError(f"--noise-seed must be zero or a positive integer, not {noise.noise_seed}")
     if noise.label_noise_mode not in LABEL_NOISE_MODES:
         raise OptionError(f"--label-noise-mode {noise.label_noise_mode!r} is unknown; choose from "
                           f"{', '.join(LABEL_NOISE_MODES)}")
@@ -306,8 +308,11 @@ def check_recipe(recipe: Recipe) -> None:
     if not recipe.lr > 0 or not math.isfinite(recipe.lr):
         raise OptionError(f"--lr must be a positive number, not {recipe.lr}")
     for name in ("momentum", "weight_decay"):
-        if not getattr(recipe, name) >= 0:
+        if not getattr(recipe, name) >= 0 or not math.isfinite(getattr(recipe, name)):
             raise OptionError(f"--{name.replace('_', '-')} must be zero or positive, not {getattr(recipe, name)}")
+    for name in ("step_factor", "gamma"):  # a factor of the rate: 0 stops training, a negative one ascends
+        if not getattr(recipe, name) > 0 or not math.isfinite(getattr(recipe, name)):
+            raise OptionError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(recipe, name)}")
     if recipe.schedule not in SCHEDULES:
         raise OptionError(f"--schedule {recipe.schedule!r} is unknown; choose from {', '.join(SCHEDULES)}")
     if recipe.init not in INIT_SCHEMES:
