@@ -19,6 +19,7 @@ every test a mutant names.
     python tools/mutation.py            # all mutants
     python tools/mutation.py -k cones   # mutants whose name contains "cones"
     python tools/mutation.py --list
+    python tools/mutation.py --check    # seconds: every snippet occurs as often as it says, every test exists
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ MUTANTS = (
            (SEEDS_SUMMARY,)),
     Mutant("stats: a re-analysed epoch's old series rows are kept beside the new", ("hpa/experiments/stats.py",),
            'kept = [row for row in self.rows if int(row["epoch"]) != epoch]', "kept = list(self.rows)",
-           ("tests/test_open_run.py::test_analyse_run_gives_what_training_with_the_statistic_gives",)),
+           ("tests/test_analyse_run.py::test_analyse_run_gives_what_training_with_the_statistic_gives",)),
     # -- recipe and noise fields at non-default values, and the edges of accepted values (issue 17, part 2);
     # each is killed by tests/test_recipe_fields.py or tests/test_cli_edges.py (a tiny net on 40 images) --
     Mutant("recipe: --momentum ignored (always 0.9)", (LOOP,),
@@ -465,16 +466,37 @@ def check_imports(tree: Path) -> None:
         raise SystemExit(f"mutation: the copy is not what gets imported ({found}); aborting")
 
 
+def check(chosen: list[Mutant]) -> int:
+    """Stale mutants, and named tests that pytest cannot find (a moved test would make its mutant ERROR)."""
+    stale = [m for m in chosen if occurrences(ROOT, m) != m.count]
+    for mutant in stale:
+        print(f"STALE     {mutant.name}: {mutant.old!r} occurs {occurrences(ROOT, mutant)} times in "
+              f"{', '.join(mutant.where)}, expected {mutant.count}")
+    nodes = sorted({test for mutant in chosen for test in mutant.tests})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *nodes],
+                          cwd=ROOT, capture_output=True, text=True)
+    missing = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR")]
+    for line in missing:
+        print(f"MISSING   {line}")
+    print(f"mutation --check: {len(chosen)} mutants, {len(stale)} stale, {len(nodes)} named tests, "
+          f"{'none' if proc.returncode == 0 else 'some'} missing")
+    return 1 if stale or proc.returncode != 0 else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only mutants whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that no mutant is stale and that every test it names exists (after a refactor)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
     if args.list:
         for mutant in chosen:
             print(f"{mutant.name}  [{', '.join(mutant.where)}]  -> {' '.join(mutant.tests)}")
         return 0
+    if args.check:
+        return check(chosen)
     with tempfile.TemporaryDirectory(prefix="hpa-mutation-") as tmp:
         pristine = Path(tmp) / "pristine"
         copy_tree(ROOT, pristine)
