@@ -19,6 +19,7 @@ import click
 import hpa
 from hpa import __version__
 from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
+from hpa.executors import EXECUTOR_FLAGS, executor_options
 from hpa.experiments.types import FLAG_CHOICES, FLAG_METAVARS, Noise, Recipe, field_help
 from hpa.plugins import RESERVED_OPTIONS, describe_plugins, plugin_manager, registries
 
@@ -533,6 +534,7 @@ def reinit(run_or_spec: str, epochs, layers, out, fig_format: str, quiet: bool, 
                                                    "are always looked at again).")
 @click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@executor_options
 def gallery(specs, out: str, statistics, extra, fig_format: str, quiet: bool, **options) -> None:
     """Scan many models into one table: loader wildcards, model files, folders of them.
 
@@ -540,17 +542,22 @@ def gallery(specs, out: str, statistics, extra, fig_format: str, quiet: bool, **
     Examples:
       hpa gallery 'timm:*' --weights none --out gallery-timm-init
       hpa gallery 'torchvision:resnet*' 'timm:resnet*' --out resnets
+      hpa gallery 'timm:*' --weights none --jobs 2 --out gallery-timm-init
       hpa gallery checkpoints/ --out mine
+
+    With --jobs 1 (the default) the models are scanned in this process, one after the other; otherwise
+    each job of the executor scans a chunk of them.
     """
     # here, not at the top: the gallery scans (torch) and draws (matplotlib)
-    from hpa.gallery.run import run_gallery
+    from hpa.gallery.run import gallery_executor, run_gallery
     from hpa.render.gallery_progress import GalleryProgress
 
+    executor = gallery_executor({key: options.pop(key) for key in EXECUTOR_FLAGS}, out)
     progress = None if quiet else GalleryProgress()
     try:
         report = run_gallery(specs, out, statistics=list(statistics) or None, fig_format=fig_format,
-                             progress=progress, on_plan=None if progress is None else progress.on_plan,
-                             **options, **_parse_extra(extra))
+                             executor=executor, progress=progress,
+                             on_plan=None if progress is None else progress.on_plan, **options, **_parse_extra(extra))
     finally:
         if progress is not None:
             progress.close()

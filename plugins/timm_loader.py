@@ -180,6 +180,8 @@ def _create(timm, name: str, **kwargs):
         if kwargs.get("pretrained_cfg_overlay"):
             raise LoadError(f"timm could not load the weights file into {name} ({text}); "
                             "check that it belongs to this architecture") from None
+        if not kwargs.get("pretrained"):  # nothing was downloaded: building failed (e.g. out of memory)
+            raise
         raise _offline_error(name, exc) from None
     except OSError as exc:
         raise _offline_error(name, exc) from None

@@ -79,6 +79,17 @@ def run_gallery(specs: Iterable[str], out: str | os.PathLike, *, statistics: Ite
     return report
 
 
+def gallery_executor(flags: Mapping[str, Any], out: str | os.PathLike):
+    """The executor the flags of hpa.executors.executor_options name, or None for ``--jobs 1`` on this
+    machine: then the models are scanned in this process (no worker to start, the same isolation)."""
+    from hpa.executors import make_executor  # here, not at the top: only a gallery with an executor needs it
+
+    if (flags.get("executor") or "local") == "local" and (flags.get("jobs") or 1) == 1:
+        return None
+    out = Path(out).expanduser().absolute()
+    return make_executor(dict(flags), out.parent / f".{out.name}.submitit")  # submitit's pickles and logs
+
+
 # -- the request ------------------------------------------------------------------------------------
 
 def _request(statistics, weights, seed, input_size, fold_bn, trust_pickle, skip_1x1, with_linear, download,
@@ -235,8 +246,8 @@ def _after_dead_job(chunk: list[Entry], error: str | None, request: Mapping[str,
 
 
 def _chunks(entries: list[Entry], workers: int) -> list[list[Entry]]:
-    """About four chunks per worker (so that the workers finish together), at most MAX_CHUNK models each."""
-    size = max(1, min(MAX_CHUNK, math.ceil(len(entries) / (4 * workers))))
+    """One chunk per worker, at most MAX_CHUNK models each (a worker imports torch once per chunk)."""
+    size = max(1, min(MAX_CHUNK, math.ceil(len(entries) / workers)))
     return [entries[i:i + size] for i in range(0, len(entries), size)]
 
 

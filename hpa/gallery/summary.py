@@ -108,7 +108,7 @@ def coverage(records: list[Mapping[str, Any]]) -> tuple[str, list[str]]:
     if failed:
         line += f"; {conv - scanned} failed: " + ", ".join(f"{len(names)} {reason}" for reason, names in by_reason)
     if no_conv:
-        line += f"; {len(no_conv)} models without conv layers left out"
+        line += f"; {len(no_conv)} model{'s' if len(no_conv) != 1 else ''} without conv layers left out"
     details = [f"{reason} ({len(names)}): {', '.join(sorted(names))}" for reason, names in by_reason]
     if no_conv:
         details.append(f"{NO_CONV} ({len(no_conv)}): {', '.join(sorted(no_conv))}")
