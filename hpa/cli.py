@@ -545,8 +545,8 @@ def gallery(specs, out: str, statistics, extra, fig_format: str, quiet: bool, **
       hpa gallery 'timm:*' --weights none --jobs 2 --out gallery-timm-init
       hpa gallery checkpoints/ --out mine
 
-    With --jobs 1 (the default) the models are scanned in this process, one after the other; otherwise
-    each job of the executor scans a chunk of them.
+    Each job of the executor scans a chunk of the models in a worker process of its own (with --jobs 1,
+    the default, one after the other), so that a model that exhausts memory or crashes ends only its chunk.
     """
     # here, not at the top: the gallery scans (torch) and draws (matplotlib)
     from hpa.gallery.run import gallery_executor, run_gallery

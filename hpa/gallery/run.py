@@ -80,12 +80,15 @@ def run_gallery(specs: Iterable[str], out: str | os.PathLike, *, statistics: Ite
 
 
 def gallery_executor(flags: Mapping[str, Any], out: str | os.PathLike):
-    """The executor the flags of hpa.executors.executor_options name, or None for ``--jobs 1`` on this
-    machine: then the models are scanned in this process (no worker to start, the same isolation)."""
+    """The executor the flags of hpa.executors.executor_options name; ``--jobs 1`` too runs worker
+    processes, one after the other, each scanning a chunk of models.  Scanning a thousand models in one
+    process does not work: its memory grows with every model (the allocators keep what they took), and
+    a crash in native code would end the gallery; a worker's crash ends only its chunk."""
     from hpa.executors import make_executor  # here, not at the top: only a gallery with an executor needs it
 
-    if (flags.get("executor") or "local") == "local" and (flags.get("jobs") or 1) == 1:
-        return None
+    flags = dict(flags)
+    if (flags.get("executor") or "local") == "local" and flags.get("jobs") is None:
+        flags["jobs"] = 1  # not one per GPU: the projection statistic needs none
     out = Path(out).expanduser().absolute()
     return make_executor(dict(flags), out.parent / f".{out.name}.submitit")  # submitit's pickles and logs
 

@@ -36,7 +36,7 @@ def _all_models(curves: Sequence[Mapping[str, Any]]):
     layers = sum(len(c["n_l"]) for c in curves)
     ax.set_title(f"{len(curves)} models, {layers} layers: each model a faint line; median and quartiles "
                  f"over models in {BINS} depth bins", loc="left")
-    ax.legend(loc="upper right", ncols=3)
+    ax.legend(loc="upper right", ncols=4)
     return fig
 
 
@@ -67,40 +67,47 @@ def _family_pages(curves: Sequence[Mapping[str, Any]]):
         fig.supxlabel("relative depth")
         fig.supylabel("$n_l$")
         fig.suptitle(f"n_l against relative depth per family, largest families first{more}; "
-                     "black: the family's median", fontsize=8)
+                     "black: the median, orange: the quartiles over the family's models", fontsize=8)
         figures.append(fig)
     return figures
 
 
 def _draw(ax, curves: Sequence[Mapping[str, Any]], alpha: float, label_stats: bool) -> None:
-    import numpy as np
-
-    ax.axhspan(0.5 - FAR, 0.5 + FAR, color=style.PALETTE["grey"], alpha=0.08, lw=0)
+    ax.axhspan(0.5 - FAR, 0.5 + FAR, color=style.PALETTE["grey"], alpha=0.08, lw=0,
+               label=f"|$n_l$ - 0.5| ≤ {FAR}" if label_stats else None)
     ax.axhline(0.5, color=style.PALETTE["grey"], lw=0.6, ls="--")
     for curve in curves:
-        ax.plot(curve["depth"], curve["n_l"], color=style.PALETTE["blue"], lw=0.45, alpha=alpha,
-                marker="o" if len(curve["n_l"]) == 1 else None, ms=1.5)
-    depth = np.concatenate([np.asarray(c["depth"], float) for c in curves])
-    n_l = np.concatenate([np.asarray(c["n_l"], float) for c in curves])
-    which = np.minimum((depth * BINS).astype(int), BINS - 1)
-    centres, median, low, high = [], [], [], []
-    for b in range(BINS):
-        inside = n_l[which == b]
-        if inside.size:
-            centres.append((b + 0.5) / BINS)
-            q1, q2, q3 = np.percentile(inside, [25, 50, 75])
-            low.append(q1)
-            median.append(q2)
-            high.append(q3)
-    ax.fill_between(centres, low, high, color=style.PALETTE["orange"], alpha=0.35, lw=0,
+        ax.plot(curve["depth"], curve["n_l"], color=style.PALETTE["blue"], lw=0.4, alpha=alpha,
+                marker="o" if len(curve["n_l"]) == 1 else None, ms=1.5, zorder=1)
+    centres, low, median, high = model_quartiles(curves)
+    ax.fill_between(centres, low, high, color=style.PALETTE["orange"], alpha=0.45, lw=0, zorder=3,
                     label="quartiles over models" if label_stats else None)
-    ax.plot(centres, median, color="black", lw=1.3, label="median over models" if label_stats else None)
+    for edge in (low, high):
+        ax.plot(centres, edge, color=style.PALETTE["vermillion"], lw=0.7, zorder=3)
+    ax.plot(centres, median, color="black", lw=1.3, zorder=4, label="median over models" if label_stats else None)
     if label_stats:
         ax.plot([], [], color=style.PALETTE["blue"], lw=0.8, label="one model")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
 
 
+def model_quartiles(curves: Sequence[Mapping[str, Any]]):
+    """Per depth bin, the quartiles over models of each model's mean n_l in that bin (every model counts
+    once, however many layers it has there): (bin centres, first quartile, median, third quartile)."""
+    import numpy as np
+
+    per_bin: list[list[float]] = [[] for _ in range(BINS)]
+    for curve in curves:
+        depth, n_l = np.asarray(curve["depth"], float), np.asarray(curve["n_l"], float)
+        which = np.minimum((depth * BINS).astype(int), BINS - 1)
+        for b in np.unique(which):
+            per_bin[b].append(float(n_l[which == b].mean()))
+    filled = [b for b in range(BINS) if per_bin[b]]
+    quartiles = [np.percentile(per_bin[b], [25, 50, 75]) for b in filled]
+    centres = [(b + 0.5) / BINS for b in filled]
+    return centres, [q[0] for q in quartiles], [q[1] for q in quartiles], [q[2] for q in quartiles]
+
+
 def _alpha(count: int) -> float:
     """Faint enough that hundreds of lines show where models crowd, visible for a handful."""
-    return float(min(0.8, max(0.04, 6.0 / max(count, 1))))
+    return float(min(0.8, max(0.015, 4.0 / max(count, 1))))
