@@ -19,6 +19,7 @@ import click
 import hpa
 from hpa import __version__
 from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
+from hpa.executors import EXECUTOR_FLAGS, executor_options
 from hpa.experiments.types import FLAG_CHOICES, FLAG_METAVARS, Noise, Recipe, field_help
 from hpa.plugins import RESERVED_OPTIONS, describe_plugins, plugin_manager, registries
 
@@ -519,3 +520,51 @@ def reinit(run_or_spec: str, epochs, layers, out, fig_format: str, quiet: bool, 
                         progress=None if quiet else lambda line: click.echo(line, err=True), **options)
     result.save(folder, fig_format)
     click.echo(f"wrote {folder}/ (reinit.json, reinit.csv, heatmaps, criticality)")
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@click.option("--out", required=True, type=click.Path(), help="The gallery folder: new, or one hpa gallery wrote "
+                                                              "(it resumes; foreign files are refused).")
+@click.option("--stat", "statistics", multiple=True, help="Statistic to run (repeatable).  [default: projection]")
+@_load_options
+@click.option("--skip-1x1", is_flag=True, help="Skip 1x1 convs, as the reference code did.")
+@click.option("--with-linear", is_flag=True, help="Include linear layers.")
+@click.option("--download", is_flag=True, help="Download weights that are not cached (default: list them as "
+                                               "not cached, with the command that fills the cache).")
+@click.option("--retry-failed", is_flag=True, help="Scan again the models that failed before (those not cached "
+                                                   "are always looked at again).")
+@click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@executor_options
+def gallery(specs, out: str, statistics, extra, fig_format: str, quiet: bool, **options) -> None:
+    """Scan many models into one table: loader wildcards, model files, folders of them.
+
+    \b
+    Examples:
+      hpa gallery 'timm:*' --weights none --out gallery-timm-init
+      hpa gallery 'torchvision:resnet*' 'timm:resnet*' --out resnets
+      hpa gallery 'timm:*' --weights none --jobs 2 --out gallery-timm-init
+      hpa gallery checkpoints/ --out mine
+
+    Each job of the executor scans a chunk of the models in a worker process of its own (with --jobs 1,
+    the default, one after the other), so that a model that exhausts memory or crashes ends only its chunk.
+    """
+    # here, not at the top: the gallery scans (torch) and draws (matplotlib)
+    from hpa.gallery.run import gallery_executor, run_gallery
+    from hpa.render.gallery_progress import GalleryProgress
+
+    executor = gallery_executor({key: options.pop(key) for key in EXECUTOR_FLAGS}, out)
+    progress = None if quiet else GalleryProgress()
+    try:
+        report = run_gallery(specs, out, statistics=list(statistics) or None, fig_format=fig_format,
+                             executor=executor, progress=progress,
+                             on_plan=None if progress is None else progress.on_plan, **options, **_parse_extra(extra))
+    finally:
+        if progress is not None:
+            progress.close()
+    click.echo(report.coverage)
+    if report.kept_logs is not None:
+        click.echo(f"a job's process died; its log is in {report.kept_logs}/", err=True)
+    click.echo(f"wrote {out}/ ({report.scanned_now} scanned now, {report.kept} kept): gallery.csv, coverage.txt, "
+               f"not_cached.txt, figures/, models/")

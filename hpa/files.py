@@ -31,7 +31,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from hpa.errors import HpaWarning, LoadError, OutputError
 
@@ -60,7 +60,7 @@ def check_model_file(path: str | os.PathLike, what: str = "model file") -> Path:
 
 # -- checking a destination -----------------------------------------------------------
 
-def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+def check_output_dir(path: str | os.PathLike, what: str = "--out", nested: bool = False) -> Path:
     """Return ``path`` as an absolute Path if hpa may write a result folder there, else raise OutputError.
 
     Cheap enough to call before anything expensive.  Refused: the current folder or one
@@ -68,17 +68,17 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     a place where no folder and file can be created (``/proc``, read-only file systems,
     missing permissions; tried with a probe that is removed at once), and an existing
     folder holding anything hpa did not write (see :func:`foreign_entry`).  ``what``
-    names the destination in messages ("--out", "run folder").
+    names the destination in messages ("--out", "run folder"); ``nested``: see :func:`foreign_entry`.
     """
     if not str(path).strip():
         raise OutputError(f"{what} is empty; give a folder path, e.g. {what} results")
     try:
-        return _check_place(Path(path).expanduser().absolute(), path, what)
+        return _check_place(Path(path).expanduser().absolute(), path, what, nested)
     except OSError as exc:  # e.g. a name too long, a loop of links, an unreadable folder
         raise OutputError(f"{what} {path}: {exc.strerror or exc}; give another folder path") from None
 
 
-def _check_place(target: Path, path, what: str) -> Path:
+def _check_place(target: Path, path, what: str, nested: bool = False) -> Path:
     real = Path(os.path.realpath(target))
     here = Path(os.path.realpath(os.getcwd()))
     if real == here or real in here.parents:
@@ -89,27 +89,41 @@ def _check_place(target: Path, path, what: str) -> Path:
     if target.exists() and not target.is_dir():
         raise OutputError(f"{what} {path} is a file, not a folder; give a new folder path")
     if target.is_dir():
-        _refuse_foreign(target, path, what)
+        _refuse_foreign(target, path, what, nested)
     _probe_writable(target, path, what)
     return target
 
 
-def foreign_entry(folder: str | os.PathLike) -> tuple[str, str] | None:
+def foreign_entry(folder: str | os.PathLike, nested: bool = False) -> tuple[str, str] | None:
     """The first entry of ``folder`` hpa may not replace, as (relative path, why); None if there is none.
 
     ``why`` is "foreign" (not in the manifest, or a link), "changed" (size or sha256
     differ from the manifest) or "manifest" (the manifest itself is unreadable).  An
-    empty folder, or one holding only what its manifest lists, gives None.
+    empty folder, or one holding only what its manifest lists, gives None.  ``nested`` (a folder
+    that grows by whole sub-folders, as ``hpa gallery``'s): a sub-folder the manifest does not list is
+    hpa's too when it holds a manifest of its own that checks out the same way, and so is an hpa
+    leftover (a write a killed process left, removed by the next write of its target).
     """
     folder = Path(folder)
     listed = _read_manifest(folder)
     if listed is None:
         return MANIFEST, "manifest"
     listed_folders = {str(parent) for name in listed for parent in Path(name).parents} - {"."}
+    vouched: set[str] = set()  # nested sub-folders checked by their own manifest, and leftovers
     for path in sorted(_entries_under(folder)):
         name = path.relative_to(folder).as_posix()
-        if name == MANIFEST:
+        if name == MANIFEST or any(parent in vouched for parent in map(str, Path(name).parents)):
             continue
+        if nested and name not in listed and name not in listed_folders and not path.is_symlink():
+            if _LEFTOVER.fullmatch(path.name):
+                vouched.add(name)
+                continue
+            if path.is_dir() and (path / MANIFEST).is_file():
+                inner = foreign_entry(path, nested=True)
+                if inner is not None:
+                    return f"{name}/{inner[0]}", inner[1]
+                vouched.add(name)
+                continue
         if path.is_symlink() or (name not in listed and name not in listed_folders):
             return name, "foreign"
         if name in listed and (not path.is_file() or _fingerprint(path) != listed[name]):
@@ -117,8 +131,8 @@ def foreign_entry(folder: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def _refuse_foreign(folder: Path, shown, what: str) -> None:
-    found = foreign_entry(folder)
+def _refuse_foreign(folder: Path, shown, what: str, nested: bool = False) -> None:
+    found = foreign_entry(folder, nested)
     if found is None:
         return
     name, why = found
@@ -163,6 +177,15 @@ def write_manifest(folder: str | os.PathLike) -> Path:
     manifest = folder / MANIFEST
     _write_new_file(manifest, text.encode())
     return manifest
+
+
+def replace_manifest(folder: str | os.PathLike, names: Iterable[str]) -> Path:
+    """Atomically rewrite ``folder``'s manifest to list ``names`` (files hpa just wrote there, relative
+    paths), for a folder that grows in place, as ``hpa gallery``'s top level; see :func:`foreign_entry`."""
+    folder = Path(folder)
+    files = {name: _fingerprint(folder / name, sync=True) for name in sorted(names)}
+    text = json.dumps({"format": _MANIFEST_FORMAT, "written_by": "hpa", "files": files}, indent=1) + "\n"
+    return atomic_write_bytes(folder / MANIFEST, text.encode())
 
 
 def _read_manifest(folder: Path) -> dict[str, dict] | None:

@@ -42,6 +42,13 @@ class Loader:
     # name -> the init scheme its paper's code used (hpa.experiments.types.INIT_SCHEMES), the
     # default of 'hpa train --arch PREFIX:NAME'; None: every model keeps its own ("default").
     init_scheme: Callable[[str], str] | None = None
+    # pretrained -> the names 'hpa gallery PREFIX:PATTERN' matches: one per distinct model at those weights
+    # (timm: each pretrained tag, or each architecture for seeded inits); None: list_models.
+    gallery_models: Callable[[bool], Iterable[str]] | None = None
+    # (name, options) -> None when ``load`` needs nothing from the network (cached weights, a random init,
+    # a file); else the shell command that fills the cache on a connected machine, which 'hpa gallery'
+    # shows for a model it lists as not cached instead of downloading it.
+    download_command: Callable[[str, LoadOptions], str | None] | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ OPTIONS = (
 @hookimpl
 def register_loaders(register):
     register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
+                    gallery_models=gallery_models, download_command=download_command,
                     options=OPTIONS, description="timm models, NAME or NAME.TAG (Hugging Face cache, a file, or none)"))
 
 
@@ -32,6 +33,32 @@ def list_models() -> list[str]:
     import timm
 
     return sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
+
+
+def gallery_models(pretrained: bool) -> list[str]:
+    """One name per distinct model: each pretrained weight set (NAME.TAG), or each architecture when the
+    gallery scans seeded initialisations (the tags of one architecture would give the same model)."""
+    import timm
+
+    return sorted(timm.list_models(pretrained=pretrained))
+
+
+def download_command(name: str, options: LoadOptions) -> str | None:
+    """The command that fills the cache with timm:NAME's pretrained weights; None when nothing is needed."""
+    import timm
+
+    if not options.default_weights or options.random_init:
+        return None
+    _check_name(timm, name)
+    cached, where, _ = _cached_weights(timm, name)
+    if cached is not None:
+        return None
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.hf_hub_id:
+        return f"hf download {cfg.hf_hub_id.partition('@')[0]}"
+    import torch
+
+    return f"wget -P {os.path.join(torch.hub.get_dir(), 'checkpoints')} {where}"
 
 
 def build(name: str, options: LoadOptions):
@@ -153,6 +180,8 @@ def _create(timm, name: str, **kwargs):
         if kwargs.get("pretrained_cfg_overlay"):
             raise LoadError(f"timm could not load the weights file into {name} ({text}); "
                             "check that it belongs to this architecture") from None
+        if not kwargs.get("pretrained"):  # nothing was downloaded: building failed (e.g. out of memory)
+            raise
         raise _offline_error(name, exc) from None
     except OSError as exc:
         raise _offline_error(name, exc) from None

@@ -27,6 +27,7 @@ OPTIONS = (
 @hookimpl
 def register_loaders(register):
     register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
+                    download_command=download_command,
                     options=OPTIONS, description="torchvision.models classification models (DEFAULT weights, an enum, a file, or none)"))
 
 
@@ -34,6 +35,24 @@ def list_models() -> list[str]:
     import torchvision
 
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def download_command(name: str, options: LoadOptions) -> str | None:
+    """The command that puts the weights ``load`` wants into the torch hub cache; None when they are there
+    (or no download is needed: a random init, a file)."""
+    import torch
+
+    from hpa.backends.torch_models import looks_like_path  # here, not at the top: it imports torch
+
+    weights = options.weights
+    _builder(name)
+    if options.random_init or (not options.default_weights and (os.path.exists(weights) or looks_like_path(weights))):
+        return None
+    enum = _resolve_enum(name, weights)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if os.path.exists(os.path.join(folder, os.path.basename(enum.url))):
+        return None
+    return f"wget -P {folder} {enum.url}"
 
 
 def build(name: str, options: LoadOptions):
