@@ -385,6 +385,9 @@ def _field_options(cls: type, section: str):
 @click.option("--compile/--no-compile", "compiled", default=None, help="torch.compile the network.")
 @click.option("--cpu-threads", type=int, metavar="N", help="CPU training: torch threads per process; a run is "
               "bitwise reproducible at the count it records.  [default: the usable cores / local processes]")
+@click.option("--workers", type=click.IntRange(min=0), metavar="N", help="The streaming path: DataLoader "
+              "workers per process decoding images (0: in the training process); never changes the numbers.  "
+              "[default: the usable cores, at most 8, / local processes]")
 @click.option("--nproc", type=click.IntRange(min=1),
               help="Train on N local processes (one per GPU), started as torchrun starts them.")
 def train(quiet: bool, bars, statistics, seeds, nproc, **options) -> None:

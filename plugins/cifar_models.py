@@ -5,9 +5,11 @@
 trainable module; ``load`` is ``trace(build(...))``.
 
 * ``vgg11`` ... ``vgg19``, ``alexnet``: torchvision's definitions without
-  BatchNorm (``num_classes`` and ``in_channels`` from the task).  AlexNet's
-  stride-4 stem cannot take 32x32, so its input is upscaled first
-  (``-o upscale=64``, the smallest side torchvision's AlexNet accepts).
+  BatchNorm (``num_classes`` and ``in_channels`` from the task), at any input
+  size their layers take: ImageNet's 224x224 as torchvision defines them.
+  AlexNet's stride-4 stem cannot take 32x32, so an input under 63x63 is
+  upscaled first (``-o upscale=64``, the smallest side torchvision's AlexNet
+  accepts); from 63x63 up it is torchvision's AlexNet unchanged.
 * ``vgg11_cifar`` ... ``vgg19_cifar``: the same conv stacks with the compact
   CIFAR head of the cone paper's code: (Linear 512, ReLU, Dropout) twice, then
   Linear to the classes.
@@ -62,7 +64,7 @@ def register_module_converters(register):
 def register_loaders(register):
     register(Loader(prefix=PREFIX, load=load, build=build, list_models=list_models, builds_init=True,
                     options=OPTIONS, init_scheme=init_scheme,
-                    description="the papers' networks for 32x32 inputs (VGG, AlexNet, LeNet, Gamba et al. 2019 and Milisavljevic nets)"))
+                    description="the papers' networks for 32x32 inputs, VGG and AlexNet at 224x224 too (VGG, AlexNet, LeNet, Gamba et al. 2019 and Milisavljevic nets)"))
 
 
 def list_models() -> list[str]:
@@ -148,7 +150,7 @@ def _torchvision(depth_name: str):
     return make
 
 
-def _alexnet(num_classes: int, in_channels: int, upscale: int, **_):
+def _alexnet(num_classes: int, in_channels: int, upscale: int, side: int = 32, **_):
     import torchvision
 
     from torch import nn
@@ -170,6 +172,10 @@ def _alexnet(num_classes: int, in_channels: int, upscale: int, **_):
 
     if upscale < 63:
         raise OptionError(f"-o upscale={upscale} is too small for AlexNet's stem; use 63 or more (default 64)")
+    if side >= 63:  # ImageNet's 224x224 (or any input the stem takes): torchvision's AlexNet as it is
+        net = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+        _set_in_channels(net.features, in_channels)
+        return net
     return UpscaledAlexNet()
 
 

@@ -1,9 +1,19 @@
-"""``hpa train --plugin imagefolder --data PATH``: any ImageNet-style tree, read by torchvision.
+"""``hpa train --plugin imagefolder --data PATH``: any ImageNet-style tree, read by torchvision;
+``hpa train --plugin imagenet --data DIR``: ImageNet itself, always streamed.
 
 ``PATH/train/<class>/*.png|jpg`` and ``PATH/val/<class>/...`` (the test
 split); class names are the sub-folder names, sorted, and must be the same in
-both.  Every image is converted to RGB and must have the size of the first
-training image (resize them beforehand: hpa does not guess a crop).
+both.  Every image is converted to RGB.  A tree of images of one size that fits
+the memory budget is decoded once and trained in memory; images of any size
+take the streaming path (hpa.experiments.streaming) with the recipe's crop
+(``--crop N``, ``--resize N``, or ``--recipe imagenet``), as does a tree too
+large for memory; ``--data-path`` chooses.
+
+The imagenet task reads the layout torchvision's ``ImageNet`` and ``ImageFolder``
+read (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``, classes in sorted wnid
+order, torchvision's class index), downloads nothing, and trains with the 2020
+authors' ImageNet recipe (types.IMAGENET_AUGMENTATION; ImageNet's channel mean
+and std).  The test split is val/; the validation split is held out of train/.
 """
 
 from __future__ import annotations
@@ -13,13 +23,43 @@ from pathlib import Path
 
 from hpa import LoadError, hookimpl
 from hpa.experiments import Dataset, Recipe, Task
+from hpa.experiments.image_tree import image_tree
+from hpa.experiments.types import IMAGENET_AUGMENTATION
+
+#: ImageNet's per-channel mean and std (the authors' code and torchvision's ImageNet example).
+IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_LAYOUT = ("put ImageNet's training images in DIR/train/<wnid>/*.JPEG and its validation images in "
+                   "DIR/val/<wnid>/*.JPEG (the layout torchvision's ImageNet and ImageFolder read; hpa downloads "
+                   "nothing)")
+IMAGEFOLDER_LAYOUT = "an imagefolder tree holds DIR/train/<class>/*.jpg|png and DIR/val/<class>/..."
 
 
 @hookimpl
 def register_experiments(register):
     register(Task(name="imagefolder", dataset=load_imagefolder, architecture="cifar:vgg19", input_size=None,
-                  recipe=Recipe(),
+                  recipe=Recipe(), files=imagefolder_files,
                   description="an ImageNet-style train/ + val/ folder tree of images (--data PATH)"))
+    register(Task(name="imagenet", dataset=_imagenet_in_memory, architecture="cifar:alexnet",
+                  input_size=(3, 224, 224), num_classes=1000, recipe=Recipe(**IMAGENET_AUGMENTATION),
+                  files=imagenet_files,
+                  description="ImageNet (ILSVRC-2012) from DIR/train/<wnid>/ and DIR/val/<wnid>/, streamed; "
+                              "nothing downloaded"))
+
+
+def imagenet_files(data_dir):
+    mean, std = IMAGENET_NORMALISATION
+    return image_tree(data_dir, "imagenet", IMAGENET_LAYOUT, mean=mean, std=std, streaming_only=True,
+                      source={"dataset": "ImageNet (torchvision.datasets.ImageNet layout)"})
+
+
+def imagefolder_files(data_dir):
+    return image_tree(data_dir, "imagefolder", IMAGEFOLDER_LAYOUT,
+                      source={"dataset": "torchvision.datasets.ImageFolder layout"})
+
+
+def _imagenet_in_memory(data_dir, download: bool) -> Dataset:
+    raise LoadError("the imagenet task is read from its files as training goes (the streaming path); it has no "
+                    "in-memory dataset")
 
 
 def load_imagefolder(data_dir, download: bool) -> Dataset:
@@ -67,7 +107,7 @@ def _read(folder: Path) -> dict:
         size = size or image.size
         if image.size != size:
             raise LoadError(f"{path} is {image.size[0]}x{image.size[1]} but the first image is "
-                            f"{size[0]}x{size[1]}; resize the images to one size")
+                            f"{size[0]}x{size[1]}; resize the images to one size, or stream them with --crop N")
         images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
     if not images:
         raise LoadError(f"{folder} holds no images")

@@ -24,6 +24,8 @@ def epoch_draws(seed: int, epoch: int) -> torch.Generator:
 
 def training_inputs(data: DeviceData, batch: Batch, recipe: Recipe, draws: torch.Generator) -> torch.Tensor:
     """The network's input for ``batch``: shifted and flipped by ``recipe``, pixel noise, normalised."""
+    if batch.augmented:  # the streaming path's workers augmented each image already
+        return data.normalisation(batch.images)
     rows = [d[batch.part] for d in augment_draws(batch.total, recipe.shift, recipe.flip, draws)]
     shifted = shift_and_flip(data.normalisation.unit(batch.images), recipe.shift, rows)
     return data.normalisation.standardise(data.permute_pixels(shifted, batch.index))

@@ -163,6 +163,7 @@ class Batch:
     total: int  # rows of the global batch (all processes together)
     part: slice  # which rows of the global batch these are (for the augmentation draws)
     index: torch.Tensor  # the rows' positions in the training split (for per-image pixel noise)
+    augmented: bool = False  # True: images are the network's augmented uint8 input (the streaming path)
 
 
 def _part_bounds(length: int, world: int, rank: int) -> tuple[int, int]:

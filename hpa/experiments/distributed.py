@@ -226,6 +226,14 @@ class World:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def barrier(self) -> None:
         import torch.distributed as dist
 

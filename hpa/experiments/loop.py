@@ -134,8 +134,10 @@ def train_one_epoch(model, optimizer, data: DeviceData, recipe: Recipe, seed: in
 def _batch_loss(logits, batch, world):
     """The mean cross-entropy of the global batch, or this process's share of it (its sum / global size):
     summed over processes that is the mean, whatever the (possibly uneven) split of the last batch."""
-    if world is None:
+    if world is None and not batch.augmented:
         return F.cross_entropy(logits, batch.labels)
+    # the streaming path always divides by the global batch's size, so a skipped image (ignored label)
+    # weighs the same in one process and in many
     return F.cross_entropy(logits, batch.labels, reduction="sum") / batch.total
 
 
@@ -156,14 +158,27 @@ def evaluate(model, split: Split, normalisation: Normalisation, precision: str |
     mode = contextlib.nullcontext if precision is None else (lambda: precision_mode(precision, device))
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(split), batch_size):
-        images = normalisation(split.images[start:start + batch_size]).contiguous(memory_format=fmt)
-        labels = split.labels[start:start + batch_size]
+    counted = torch.zeros((), dtype=torch.int64, device=device)
+    for stored, labels in _eval_batches(split, batch_size):
+        images = normalisation(stored).contiguous(memory_format=fmt)
         with mode():
             logits = model(images).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum").double()
         correct += (logits.argmax(1) == labels).sum()
-    return float(total_loss.item()) / len(split), int(correct.item()) / len(split)
+        counted += (labels != -100).sum()  # a skipped image of the streaming path has the ignored label
+    count = int(counted.item())
+    if count == 0:
+        return None, None
+    return float(total_loss.item()) / count, int(correct.item()) / count
+
+
+def _eval_batches(split, batch_size: int):
+    """(stored images, labels) of ``split`` in batches: slices of an in-memory Split, or a FileSplit's own."""
+    if hasattr(split, "batches"):
+        yield from split.batches(batch_size)
+        return
+    for start in range(0, len(split), batch_size):
+        yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
 
 
 def evaluate_split(model, data: DeviceData, split: Split, prefix: str, precision: str = "fp32") -> dict[str, Any]:

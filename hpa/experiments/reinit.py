@@ -202,6 +202,10 @@ def _subject_from_run(folder: Path, device, data) -> _Subject:
     record = reader.record()
     saved = reader.snapshots()
     config = record["config"]
+    trained_on = record.get("data") or {}
+    if trained_on.get("path") == "streaming" or trained_on.get("classes"):
+        raise ReinitError(f"{folder} trained on the streaming path or a --classes subset, and hpa reinit evaluates "
+                          "the task's whole test split in memory; it cannot re-evaluate this run yet")
     task = get_task(config["task"])
     data = data if data is not None else record.get("data_dir")
     dataset = _as_trained(task.dataset(None if data is None else Path(data), False), record)

@@ -24,6 +24,7 @@ STREAMS = {
     "shuffle": 3,  # each epoch's batch order
     "augment": 4,  # each epoch's shifts and flips (hpa.experiments.augment)
     "dropout": 5,  # the global RNG during each epoch
+    "classes": 6,  # the --classes subset (seeded by --class-seed, hpa.experiments.streaming.class_subset)
     # the noise experiments': noise_generator(noise seed, name, split) (hpa.experiments.noise)
     "labels": 1,
     "shuffle_pixels": 2,
@@ -43,6 +44,15 @@ def generator(seed: int, stream: str, epoch: int = 0) -> torch.Generator:
     import torch  # here, not at the top: the table and the noise streams stay torch-free
 
     return torch.Generator().manual_seed(stream_seed(seed, stream, epoch))
+
+
+def sample_generator(seed: int, stream: str, epoch: int, index: int) -> torch.Generator:
+    """A torch CPU generator of one sample's draws in one epoch (the streaming path's per-image augmentation):
+    a function of (seed, epoch, index) alone, whichever worker, process or rank draws it."""
+    import torch
+
+    state = np.random.SeedSequence([int(seed), STREAMS[stream], int(epoch), int(index)]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def noise_generator(seed: int, stream: str, split: int = 0) -> np.random.Generator:

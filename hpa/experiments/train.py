@@ -24,6 +24,7 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
           data: str | Path | None = None, download: bool = False, snapshot_every: int | None = None,
           statistics: tuple[str, ...] | list[str] | None = None,
           precision: str | None = None, compiled: bool | None = None, cpu_threads: int | None = None,
+          workers: int | None = None,
           progress: Callable[[str], None] | None = None, command: str | None = None,
           recipe_name: str | None = None, log: tuple[str, ...] | list[str] = (), **recipe_values: Any) -> Path:
     """Train ``task`` into the new folder ``out``, or continue the run in ``resume``; returns the folder.
@@ -66,7 +67,7 @@ def train(task: str | None = None, *, out: str | Path | None = None, resume: str
             RunDir.check_new(out)  # before the (possibly slow) data loading; created once all is known to work
         run, record = None, None
     loggers = Loggers(log if is_lead() else ())  # names and packages checked before the data is loaded
-    trainer = Trainer(config, data, download, progress, loggers)
+    trainer = Trainer(config, data, download, progress, loggers, workers=workers)  # workers: the streaming path's loaders
     if run is None:
         run = RunDir.create(out) if is_lead() else RunDir(Path(out).expanduser())
         trainer.start(run, command or command_line())

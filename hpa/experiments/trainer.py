@@ -9,6 +9,7 @@ So a run resumed after ``kill -9`` ends bitwise equal, on CPU, to one never inte
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import time
@@ -30,12 +31,14 @@ from hpa.experiments.loop import evaluate_split, make_optimizer, memory_format, 
 from hpa.experiments.model import build_model, graph_record
 from hpa.experiments.open_run import open_run
 from hpa.experiments.run import RunDir
+from hpa.experiments.streaming import FileData, default_workers, training_data
 
 
 class Trainer:
     """Trains ``config`` into a run folder: :meth:`start` a new one, or :meth:`resume` one from run.json."""
 
-    def __init__(self, config: TrainConfig, data, download: bool, progress, loggers: Loggers) -> None:
+    def __init__(self, config: TrainConfig, data, download: bool, progress, loggers: Loggers,
+                 workers: int | None = None) -> None:
         self.config, self.loggers = config, loggers
         self.world = join(config.device)  # None unless started by torchrun with several processes
         self.lead = self.world is None or self.world.lead
@@ -44,9 +47,22 @@ class Trainer:
         self.writer = BackgroundWriter()
         task = get_task(config.task)
         self.data_dir = None if data is None else str(Path(data).expanduser())
-        noisy = dataset_as_trained(task.dataset(None if data is None else Path(self.data_dir), download), config)
-        self.dataset, self.train_labels, self.noise_report = noisy.dataset, noisy.train_labels, noisy.report
-        self.train_orders = noisy.train_orders
+        loaded = training_data(task, None if data is None else Path(self.data_dir), download, config, self.device)
+        self.streamed, self.data_record = loaded.streamed, loaded.record
+        # The path taken is recorded as the recipe's data_path, so a resume takes it again.
+        self.config = config = dataclasses.replace(
+            config, recipe=dataclasses.replace(config.recipe, data_path=loaded.record["path"]))
+        if self.streamed is None:
+            noisy = dataset_as_trained(loaded.dataset, config)
+            self.dataset, self.train_labels, self.noise_report = noisy.dataset, noisy.train_labels, noisy.report
+            self.train_orders = noisy.train_orders
+        else:  # the streaming path (hpa.experiments.streaming): no noise, nothing decoded yet
+            self.dataset, self.train_labels, self.train_orders = self.streamed, None, None
+            self.noise_report = {"labels": None, "pixels": None}
+            self.workers = default_workers() if workers is None else int(workers)
+            if self.workers < 0:
+                raise OptionError(f"--workers must be zero or a positive number of processes, not {workers}")
+            self.data_record["workers"] = self.workers
         self.model, self.structure = build_model(config.arch, self.dataset, config.seed, config.recipe.init,
                                                  task.name, config.recipe.init_std)
         self.model.to(self.device, memory_format=memory_format(self.device, config.precision))
@@ -105,8 +121,12 @@ class Trainer:
 
     def _loop(self, first_epoch: int) -> None:
         shard = None if self.world is None else (self.world.rank, self.world.size)
-        data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device, shard=shard,
-                          train_labels=self.train_labels, train_orders=self.train_orders)
+        if self.streamed is not None:
+            data = FileData(self.streamed, self.config.recipe, self.config.seed, self.device, shard=shard,
+                            workers=self.workers, skip=self.config.recipe.skip_unreadable)
+        else:
+            data = DeviceData(self.dataset, self.config.recipe, self.config.seed, self.device, shard=shard,
+                              train_labels=self.train_labels, train_orders=self.train_orders)
         devices = [self.device] if self.device.type == "cuda" else []
         deterministic = torch.are_deterministic_algorithms_enabled()
         threads = torch.get_num_threads()
@@ -160,10 +180,12 @@ class Trainer:
             if not math.isfinite(line["train_loss"]):
                 raise TrainingError(f"the training loss became {line['train_loss']} in epoch {epoch}; epochs "
                                     f"0-{epoch - 1} are kept in {self.run.path}; lower --lr and start a new run")
+        skipped = self._skipped(data)
         if not self.lead:  # rank 0 evaluates and writes; the others go on to the next epoch
             return
         line.update(evaluate_split(self.forward, data, data.validation, "val", self.config.precision))
         line.update(evaluate_split(self.forward, data, data.test, "test", self.config.precision))
+        self._record_skipped({**skipped, **self._skipped(data, gather=False)})
         snapshot = epoch % self.config.snapshot_every == 0 or epoch == recipe.epochs
         line["snapshot"] = snapshot_name(epoch) if snapshot else None
         line["seconds"] = round(time.perf_counter() - started, 3)
@@ -171,6 +193,24 @@ class Trainer:
         if hasattr(self.progress, "epoch_finished"):
             self.progress.epoch_finished(line)
         self.progress(_progress_line(line, recipe.epochs))
+
+    def _skipped(self, data, gather: bool = True) -> dict[str, str]:
+        """Images the streaming path skipped since the last call, in every process (gather) or this one."""
+        if not isinstance(data, FileData):
+            return {}
+        mine = data.take_skipped()
+        if not gather or self.world is None:
+            return mine
+        return {path: why for part in self.world.gather(mine) for path, why in part.items()}
+
+    def _record_skipped(self, skipped: dict[str, str]) -> None:
+        """run.json's data.skipped: every skipped image's path and reason, and the count (written at once)."""
+        record = self.record.setdefault("data", {}).setdefault("skipped", {"count": 0, "files": {}})
+        new = {path: why for path, why in skipped.items() if path not in record["files"]}
+        if new:
+            record["files"].update(new)
+            record["count"] = len(record["files"])
+            self.run.write_record(self.record)
 
     def _submit_writes(self, epoch: int, line: dict[str, Any]) -> None:
         """Copy model and optimizer to host memory and hand the epoch's writes to the writer thread."""
@@ -230,6 +270,7 @@ class Trainer:
                      "device_name": _device_name(self.device)},
             "command": command,
             "processes": 1 if self.world is None else self.world.size,
+            "data": self.data_record,
         }
 
 

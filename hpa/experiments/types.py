@@ -94,6 +94,22 @@ class Recipe:
     #                          MNIST: the 2020 authors' constants), symmetric ([-1, 1], the 2020 paper's
     #                          wording), unit ([0, 1], Fig. 21's CIFAR10+) or standardised (the training
     #                          split's own mean and std).  [default: dataset]
+    crop: int | None = None  # the streaming path's crop side: training draws a random resized crop of it,
+    #                          validation and test a centre crop (--recipe imagenet: 224).  [default: none]
+    resize: int | None = None  # validation and test: resize the shorter side to N before the centre crop
+    #                            (--recipe imagenet: 256).  [default: none]
+    scale_min: float = 0.08  # the random resized crop's smallest area, a fraction of the image's.
+    scale_max: float = 1.0  # the random resized crop's largest area, a fraction of the image's.
+    classes: int | None = None  # train on a seeded subset of N of the task's classes (drawn by --class-seed,
+    #                             recorded in run.json).  [default: all]
+    class_seed: int = 0  # seed of the --classes subset, apart from --seed so that every seed of a --seeds run
+    #                      trains on the same classes.  [default: 0]
+    data_path: str | None = None  # in-memory (the dataset decoded once, on the device) or streaming (files
+    #                               decoded by DataLoader workers as training goes).  [default: the task's
+    #                               choice: streaming for imagenet, and for an imagefolder that needs crops
+    #                               or would not fit in memory]
+    skip_unreadable: bool = False  # skip an image that cannot be decoded and record its path in run.json
+    #                                (streaming); without it the run stops naming the file.
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch`` (the first epoch trains at ``lr``)."""
@@ -149,6 +165,35 @@ class Task:
     recipe: Recipe = Recipe()  # the task's defaults; flags override single fields
     description: str = ""  # one line for 'hpa experiments'
     num_classes: int | None = None  # known before loading the data, for listings; None: from the data
+    # The streaming path (hpa.experiments.streaming): --data folder -> the task's image files, decoded as
+    # training goes.  None: the task trains in memory only.
+    files: Callable[[Path | None], FileDataset] | None = None
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """A dataset read from image files as training goes (the streaming path); torch-free.
+
+    Paths are stored as one numpy bytes array per split (relative to ``root``), so that DataLoader
+    workers share them without copying a Python list each.  Images are decoded by torchvision and
+    transformed by the recipe's ``crop``, ``resize`` and scale fields.
+    """
+
+    root: str  # the --data folder; every path is relative to it
+    train_files: np.ndarray  # (N,) bytes: paths of the training images, in the task's order
+    train_labels: np.ndarray  # (N,) int64
+    test_files: np.ndarray  # (M,) bytes
+    test_labels: np.ndarray  # (M,) int64
+    classes: tuple[str, ...]  # class names; a label is an index into them
+    mean: tuple[float, ...] = (0.5,)  # per-channel normalisation, as Dataset's
+    std: tuple[float, ...] = (0.5,)
+    source: dict[str, Any] = field(default_factory=dict)  # copied into run.json
+    streaming_only: bool = False  # True: the task never decodes the whole set into memory (imagenet)
+    channels: int = 3  # images are decoded to RGB
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 
@@ -202,8 +247,9 @@ def noise_fields() -> tuple[str, ...]:
 
 #: What a field's ``hpa train`` flag needs beyond its name, type and comment: a fixed choice list
 #: (click refuses anything else) or a metavar.  A field without an entry needs none.
-FLAG_CHOICES = {"pixel_noise_splits": PIXEL_NOISE_SPLITS, "pixel_noise_order": PIXEL_NOISE_ORDERS}
-FLAG_METAVARS = {"label_noise": "P", "label_noise_mode": "MODE"}
+FLAG_CHOICES = {"pixel_noise_splits": PIXEL_NOISE_SPLITS, "pixel_noise_order": PIXEL_NOISE_ORDERS,
+                "data_path": ("in-memory", "streaming")}
+FLAG_METAVARS = {"label_noise": "P", "label_noise_mode": "MODE", "crop": "N", "resize": "N", "classes": "N"}
 
 
 def noise_from_flags(values: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +304,9 @@ _SMOOTH = {"schedule": "exponential", "gamma": 10 ** (-1 / 25)}
 _ZHANG = {"lr": 0.01, "schedule": "exponential", "gamma": 0.95}
 _NO_REGULARISATION = {"shift": 0, "flip": False, "weight_decay": 0.0}
 
+# The 2020 authors' ImageNet transforms (data_loader.load_imagenet), every field a flag.
+IMAGENET_AUGMENTATION = {"crop": 224, "resize": 256, "scale_min": 0.08, "scale_max": 1.0, "shift": 0, "flip": True}
+
 NAMED_RECIPES = {recipe.name: recipe for recipe in (
     NamedRecipe("paper", "the task's own defaults: Gamba et al. 2020 §3.1 and A.1 as the authors' code ran them "
                 "(step decay ÷10 every 25 epochs, the architecture's own init)", {}),
@@ -283,6 +332,9 @@ NAMED_RECIPES = {recipe.name: recipe for recipe in (
     NamedRecipe("paper-text", "Gamba et al. 2020 §3.1 and A.7 read literally: Kaiming-normal for every layer, "
                 "pixels in [-1, 1] (not what the figures were made with: see docs/reproducing.md)",
                 {"init": "kaiming_normal", "pixels": "symmetric"}),
+    NamedRecipe("imagenet", "the ImageNet augmentation of the 2020 authors' code (torchvision's ImageNet "
+                "example): training RandomResizedCrop(224, scale 0.08-1) and flips, validation and test "
+                "Resize(256) then CenterCrop(224); streamed from the files", dict(IMAGENET_AUGMENTATION)),
     NamedRecipe("cones-2019", "the defaults of Gamba et al. 2019's code: lr 0.1, batches of 100, 75 epochs, "
                 "÷10 every 20, Xavier-normal init, pixels standardised with the training split's statistics",
                 {"lr": 0.1, "batch_size": 100, "epochs": 75, "step_epochs": 20, "step_factor": 0.1,
@@ -325,6 +377,18 @@ def check_recipe(recipe: Recipe) -> None:
         raise OptionError(f"--shift must be zero or a positive number of pixels, not {recipe.shift}")
     if recipe.pixels not in PIXELS:
         raise OptionError(f"--pixels {recipe.pixels!r} is unknown; choose from {', '.join(PIXELS)}")
+    for name in ("crop", "resize", "classes"):
+        value = getattr(recipe, name)
+        if value is not None and (int(value) != value or value < 1):
+            raise OptionError(f"--{name} must be a positive integer, not {value}")
+    if not 0 < recipe.scale_min <= recipe.scale_max <= 1:
+        raise OptionError(f"--scale-min and --scale-max must satisfy 0 < min <= max <= 1, not {recipe.scale_min} "
+                          f"and {recipe.scale_max}")
+    if recipe.data_path not in (None, "in-memory", "streaming"):
+        raise OptionError(f"--data-path {recipe.data_path!r} is unknown; choose from in-memory, streaming")
+    if recipe.classes is not None and recipe.classes < 2:
+        raise OptionError(f"--classes must be at least 2 (a classifier of one class learns nothing), not "
+                          f"{recipe.classes}")
 
 
 def data_root(data_dir) -> Path:
