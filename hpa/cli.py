@@ -628,3 +628,60 @@ def study_status(study_dir: str, as_json: bool) -> None:
     for job in jobs:
         counts[job.state] = counts.get(job.state, 0) + 1
     click.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+@cli.command()
+@click.argument("figure")
+@click.option("--data", type=click.Path(), help="Folder holding the datasets (cifar-10-batches-py/, MNIST/raw/, ...).")
+@click.option("--out", type=click.Path(), help="The study folder (new, or this figure's, to resume it).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Smoke run: this many epochs instead of the paper's.")
+@click.option("--seeds", type=click.IntRange(min=1), help="Smoke run: only the first N of the figure's seeds.")
+@click.option("--subset", multiple=True, metavar="FIELD=VALUE",
+              help="Smoke run: only the cells with this grid value, e.g. --subset plugin=mnist (repeatable).")
+@executor_options
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def reproduce(figure: str, data, out, epochs, seeds, subset, quiet: bool, **flags) -> None:
+    """Train a figure of Gamba et al. 2020 or 2019 as a built-in study and draw it in the paper's layout.
+
+    FIGURE is a name that 'hpa reproduce list' shows, or 'list'.
+
+    \b
+    Examples:
+      hpa reproduce list
+      hpa reproduce fig7 --data ~/data --out studies/fig7 --jobs 2
+      hpa reproduce fig7 --data ~/data --out smoke --epochs 1 --seeds 1
+    """
+    # here, not at the top: experiments.reproduce imports the study's numpy
+    from hpa.experiments.reproduce import describe, figure_named, reproduce as run_figure
+
+    if figure == "list":
+        _list_figures(describe())
+        return
+    figure_named(figure)  # an unknown or unavailable figure is refused before anything else
+    if data is None or out is None:
+        raise OptionError(f"hpa reproduce {figure} needs --data DIR (the datasets) and --out DIR (the study folder)")
+    chosen = {}
+    for pair in subset:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--subset expects FIELD=VALUE, such as --subset plugin=mnist, not {pair!r}")
+        chosen[key.strip().replace("-", "_")] = value.strip()
+    executor = _executor_for({k: flags[k] for k in EXECUTOR_FLAGS}, out)
+    report = run_figure(figure, data, out, executor, _command_options(train), _command_options(reinit),
+                        epochs=epochs, seeds=seeds, subset=chosen,
+                        progress=None if quiet else lambda line: click.echo(line, err=True))
+    figures = [str(p) for p in report.written if p.suffix == ".png" and "compare-" not in p.name]
+    click.echo("figures: " + (", ".join(figures) or "none (no run finished)"))
+    _say_study(report)
+
+
+def _list_figures(rows) -> None:
+    for row in rows:
+        if "unavailable" in row:
+            click.echo(f"{row['name']:<14} {row['what']}  [{row['unavailable']}]")
+            continue
+        grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in row["grid"].items())
+        also = f" (also {', '.join(row['aliases'])})" if row["aliases"] else ""
+        click.echo(f"{row['name']:<14} {row['what']}{also}")
+        click.echo(f"{'':<14} {row['runs']} run{'s' if row['runs'] > 1 else ''} x {row['epochs']} epochs{' + reinit' if row['reinit'] else ''}"
+                   f" · grid {grid} · recipe {row['recipe']} · data {', '.join(row['data'])}")

@@ -26,7 +26,7 @@ FLOORS = {
     2: ("run", "open_run", "stats"),  # torch-free: writing and reading a run folder, per-epoch statistics
     3: ("data", "augment", "noise", "model", "loop", "distributed"),  # the pieces of training
     4: ("config", "background", "trainer"),  # a run's configuration, its background work, the trainer
-    5: ("train", "seeds", "analyse_run", "reinit", "study"),  # one file per command
+    5: ("train", "seeds", "analyse_run", "reinit", "study", "reproduce"),  # one file per command
 }
 TORCH_FREE_FLOORS = (1, 2)
 HEAVY = ("torch", "torchvision", "safetensors.torch")

@@ -138,7 +138,7 @@ def paper_figure(series: curves.RunSeries, stem: Path, fmt: str, title: str, not
     _training_panel(axes[-1], series)
     curves.epoch_axis(axes[-1])
     axes[-1].set_xlabel("epoch")
-    style.title(fig, title, " · ".join(filter(None, (curves.seeds_note(series), curves.decay_note(series), note))))
+    style.title(fig, " · ".join(filter(None, (title, curves.seeds_note(series), curves.decay_note(series), note))))
     return style.save([fig], stem, fmt)
 
 
