@@ -26,7 +26,7 @@ ALWAYS = ("fig2", "fig21")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_cifar(root, per_batch=4)  # 20 training images: a VGG-19 epoch in a second
+    write_cifar(root, per_batch=20)  # 100 training images, 10 of them validation: a VGG-19 epoch in seconds
     write_cifar(root, classes=100, per_batch=40)
     write_mnist(root, train=40, test=10)
     return root

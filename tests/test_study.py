@@ -169,6 +169,10 @@ def test_a_stopped_job_is_requeued_and_a_killed_study_finishes_with_the_same_byt
     resumed = json.loads((first / "run.json").read_text()).get("resumed", [])
     assert resumed and resumed[0]["from_epoch"] < 2, "the SIGTERM'd run was not stopped and resumed"
     assert json.loads((second / "run.json").read_text())["status"] == "running"  # killed: no chance to say more
+    status = subprocess.run([sys.executable, "-m", "hpa", "study", "status", str(out)], capture_output=True,
+                            text=True, timeout=120).stdout.splitlines()
+    assert status[0].split()[:2] == ["lr=0.01/seed-0", "complete"]
+    assert status[1].split()[:2] == ["lr=0.05/seed-0", "stopped"] and "its process is gone" in status[1]
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "1 jobs done now, 1 were complete" in again.stdout

@@ -173,7 +173,11 @@ class _ChildJob:
             child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
             _CHILD[:] = [child]
             write_job_state(spec, "running", pid=child.pid)
-            code = child.wait()
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the child too: let it finish its current write
+                child.wait()
+                raise
         finally:
             _CHILD.clear()
             for sig, handler in previous.items():

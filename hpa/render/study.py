@@ -66,7 +66,8 @@ def _training(cells, stem: Path, fmt: str, caption: str) -> list[Path]:
                               **series.line_style())
         ax.set_ylabel(label)
         curves.epoch_axis(ax)
-    axes[0].legend(loc="best", fontsize=6)
+    if axes[0].get_legend_handles_labels()[0]:  # a study without a validation split has no such curve
+        axes[0].legend(loc="best", fontsize=6)
     fig.supxlabel("epoch")
     style.title(fig, caption, _seeds_text(cells))
     return style.save([fig], stem, fmt)
