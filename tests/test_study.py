@@ -209,6 +209,18 @@ def test_a_failed_cell_never_stops_the_others_and_the_summary_names_it(tmp_path,
     assert "failed" in status and "1 complete, 1 failed" in status
 
 
+def test_a_reinit_study_draws_a_heatmap_per_seed_and_their_mean(tmp_path, run_hpa):
+    study = write_study(tmp_path, BASE.replace("epochs = 2", 'epochs = 1\nstat = "none"') +
+                        "[grid]\nseeds = [0, 1]\n[reinit]\nepochs = \"0,1\"\n")
+    proc = run_hpa("study", "run", study, "--out", tmp_path / "out", "--jobs", "2", "--cpu-threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    reinit = tmp_path / "out" / "base" / "reinit"
+    assert sorted(p.name for p in reinit.glob("heatmap*.png")) == ["heatmap-mean.png", "heatmap-seed-0.png",
+                                                                   "heatmap-seed-1.png"]
+    result = json.loads((reinit / "reinit.json").read_text())
+    assert json.dumps(result).count("seed-1") > 0 and "base/reinit" in run_hpa("study", "status", tmp_path / "out").stdout
+
+
 # -- bad input: one line, exit 2, nothing written -----------------------------------------------
 
 BAD = {

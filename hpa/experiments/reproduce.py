@@ -126,7 +126,7 @@ def study_text(figure: Figure, data: str | Path, epochs: int | None, seeds: int 
     shrunk = []
     if epochs is not None:
         train["epochs"] = epochs
-        shrunk.append(f"{epochs} epochs")
+        shrunk.append(f"{epochs} epoch{'s' if epochs > 1 else ''}")
     chosen = list(figure.seeds) if seeds is None else list(figure.seeds[:seeds])
     if seeds is not None:
         if not 1 <= seeds:

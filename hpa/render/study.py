@@ -151,7 +151,8 @@ def _training_panel(ax, series: curves.RunSeries) -> None:
              ("train_accuracy", "train acc", style.PALETTE["blue"], "-"),
              ("val_accuracy", "val acc", style.PALETTE["blue"], (0, (3, 1.5)))]
     for key, label, colour, dash in lines:
-        curves.draw_curve(ax, series.metric_curve(key, rescale=True), colour, label, linestyle=dash)
+        curves.draw_curve(ax, series.metric_curve(key, rescale=True), colour, label, linestyle=dash,
+                          **series.line_style())
     ax.set_ylim(0, 1.04)
     ax.set_ylabel("loss, accuracy\n/ their maximum")
     ax.legend(ncols=2, fontsize=5.5, loc="best")
