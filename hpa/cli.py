@@ -19,7 +19,7 @@ import click
 import hpa
 from hpa import __version__
 from hpa.errors import HpaError, HpaWarning, NonFiniteWeightsError, OptionError, suggest
-from hpa.executors import EXECUTOR_FLAGS, executor_options
+from hpa.executors import EXECUTOR_FLAGS, executor_options, make_executor  # the executor flags, once for every command
 from hpa.experiments.types import FLAG_CHOICES, FLAG_METAVARS, Noise, Recipe, field_help
 from hpa.plugins import RESERVED_OPTIONS, describe_plugins, plugin_manager, registries
 
@@ -571,3 +571,168 @@ def gallery(specs, out: str, statistics, extra, fig_format: str, quiet: bool, **
         click.echo(f"a job's process died; its log is in {report.kept_logs}/", err=True)
     click.echo(f"wrote {out}/ ({report.scanned_now} scanned now, {report.kept} kept): gallery.csv, coverage.txt, "
                f"not_cached.txt, figures/, models/")
+# -- studies (hpa study, hpa reproduce) -------------------------------------------------------
+
+def _command_options(command: click.Command) -> dict:
+    """A command's flags as study fields (hpa.experiments.study_file.CommandOption), keyed by long name:
+    a study file sets any option of hpa train (and hpa reinit) with nothing to declare twice."""
+    # here: 'hpa --help' and 'hpa plugins' import only click and the plugin manager
+    from hpa.experiments.study_file import CommandOption
+
+    found = {}
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_flag:
+            kind, choices = "bool", ()
+        elif isinstance(param.type, click.Choice):
+            kind, choices = "choice", tuple(param.type.choices)
+        else:
+            kind, choices = {"integer": "int", "integer range": "int", "float": "float",
+                             "float range": "float"}.get(param.type.name, "str"), ()
+        negative = next((o for o in param.secondary_opts if o.startswith("--")), None)
+        found[flag[2:].replace("-", "_")] = CommandOption(flag, kind, choices, bool(param.multiple), negative)
+    return found
+
+
+def _executor_for(flags: dict, out: str):
+    from pathlib import Path
+
+    from hpa.experiments.study import BOOKS  # here, not at the top: experiments.study imports numpy
+
+    return make_executor(flags, Path(out).expanduser() / BOOKS / "submitit")
+
+
+@cli.group()
+def study() -> None:
+    """Many runs at once: the cells of a grid, each with its seeds, here or on SLURM.
+
+    \b
+    A study file (TOML):
+      [train]              any 'hpa train' option, by its long name
+      plugin = "cifar10"
+      arch = "cifar:vgg19"
+      epochs = 100
+      [grid]               the cells are the product of these lists
+      schedule = ["step", "exponential"]
+      seeds = [0, 1, 2]
+      [reinit]             optional: 'hpa reinit' over every cell (its options)
+    """
+
+
+@study.command("run")
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="The study folder: new, or one this study started "
+                                                            "(complete runs are skipped, the others resumed).")
+@executor_options
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def study_run(study_file: str, out: str, quiet: bool, **flags) -> None:
+    """Train every cell of STUDY_FILE into OUT/<cell>/seed-N, then summary.csv, summary.json and figures/.
+
+    \b
+    Examples:
+      hpa study run vgg.toml --out studies/vgg --jobs 2
+      hpa study run vgg.toml --out studies/vgg --executor slurm --partition gpu --gpus-per-task 1 --time 240
+    """
+    # here, not at the top: experiments.study imports numpy on its way to the summary
+    from hpa.experiments.study import run_study
+
+    executor = _executor_for({k: flags[k] for k in EXECUTOR_FLAGS}, out)
+    report = run_study(study_file, out, executor, _command_options(train), _command_options(reinit),
+                       progress=None if quiet else lambda line: click.echo(line, err=True))
+    _say_study(report)
+
+
+def _say_study(report) -> None:
+    total = len(report.complete) + len(report.failed) + len(report.skipped)
+    click.echo(f"wrote {report.out}/ (summary.csv, summary.json, figures/): {len(report.complete)} jobs done now, "
+               f"{len(report.skipped)} were complete, {len(report.failed)} failed of {total}")
+    if report.failed:
+        first, reason = next(iter(report.failed.items()))
+        more = f" (and {len(report.failed) - 1} more)" if len(report.failed) > 1 else ""
+        click.echo(f"Error: {first} failed: {reason}{more}; 'hpa study status {report.out}' lists them, and "
+                   "running the study again retries them", err=True)
+        sys.exit(1)
+
+
+@study.command("status")
+@click.argument("study_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def study_status(study_dir: str, as_json: bool) -> None:
+    """Each job's state (pending, running, stopped, complete, failed and why; its SLURM job id), read only."""
+    from dataclasses import asdict
+
+    # here, not at the top: experiments.study imports numpy
+    from hpa.experiments.study import study_status as read_status
+
+    jobs = read_status(study_dir)
+    if as_json:
+        click.echo(json.dumps([asdict(job) for job in jobs], indent=1))
+        return
+    width = max((len(job.key) for job in jobs), default=4) + 2
+    for job in jobs:
+        extra = " ".join(filter(None, (f"epochs {job.epochs}" if job.epochs else "",
+                                       f"job {job.job_id}" if job.job_id else "", job.reason or "")))
+        click.echo(f"{job.key:<{width}}{job.state:<10}{extra}".rstrip())
+    counts = {}
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    click.echo(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+@cli.command()
+@click.argument("figure")
+@click.option("--data", type=click.Path(), help="Folder holding the datasets (cifar-10-batches-py/, MNIST/raw/, ...).")
+@click.option("--out", type=click.Path(), help="The study folder (new, or this figure's, to resume it).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Smoke run: this many epochs instead of the paper's.")
+@click.option("--seeds", type=click.IntRange(min=1), help="Smoke run: only the first N of the figure's seeds.")
+@click.option("--subset", multiple=True, metavar="FIELD=VALUE",
+              help="Smoke run: only the cells with this grid value, e.g. --subset plugin=mnist (repeatable).")
+@executor_options
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def reproduce(figure: str, data, out, epochs, seeds, subset, quiet: bool, **flags) -> None:
+    """Train a figure of Gamba et al. 2020 or 2019 as a built-in study and draw it in the paper's layout.
+
+    FIGURE is a name that 'hpa reproduce list' shows, or 'list'.
+
+    \b
+    Examples:
+      hpa reproduce list
+      hpa reproduce fig7 --data ~/data --out studies/fig7 --jobs 2
+      hpa reproduce fig7 --data ~/data --out smoke --epochs 1 --seeds 1
+    """
+    # here, not at the top: experiments.reproduce imports the study's numpy
+    from hpa.experiments.reproduce import describe, figure_named, reproduce as run_figure
+
+    if figure == "list":
+        _list_figures(describe())
+        return
+    figure_named(figure)  # an unknown or unavailable figure is refused before anything else
+    if data is None or out is None:
+        raise OptionError(f"hpa reproduce {figure} needs --data DIR (the datasets) and --out DIR (the study folder)")
+    chosen = {}
+    for pair in subset:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--subset expects FIELD=VALUE, such as --subset plugin=mnist, not {pair!r}")
+        chosen[key.strip().replace("-", "_")] = value.strip()
+    executor = _executor_for({k: flags[k] for k in EXECUTOR_FLAGS}, out)
+    report = run_figure(figure, data, out, executor, _command_options(train), _command_options(reinit),
+                        epochs=epochs, seeds=seeds, subset=chosen,
+                        progress=None if quiet else lambda line: click.echo(line, err=True))
+    figures = [str(p) for p in report.written if p.suffix == ".png" and "compare-" not in p.name]
+    click.echo("figures: " + (", ".join(figures) or "none (no run finished)"))
+    _say_study(report)
+
+
+def _list_figures(rows) -> None:
+    for row in rows:
+        if "unavailable" in row:
+            click.echo(f"{row['name']:<14} {row['what']}  [{row['unavailable']}]")
+            continue
+        grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in row["grid"].items())
+        also = f" (also {', '.join(row['aliases'])})" if row["aliases"] else ""
+        click.echo(f"{row['name']:<14} {row['what']}{also}")
+        click.echo(f"{'':<14} {row['runs']} run{'s' if row['runs'] > 1 else ''} x {row['epochs']} epochs{' + reinit' if row['reinit'] else ''}"
+                   f" · grid {grid} · recipe {row['recipe']} · data {', '.join(row['data'])}")

@@ -21,12 +21,12 @@ HPA = ROOT / "hpa"
 #: hpa/experiments/ in floors: a module imports only from its own floor or below (see README,
 #: "Where things live").  A new module is placed here, or the test fails.
 FLOORS = {
-    1: ("types", "rng", "layout", "image_tree"),  # torch-free: the plugin-facing types, the random streams, the run
-    #                                             folder's names, an image folder tree's files
+    1: ("types", "rng", "layout", "image_tree", "study_file"),  # torch-free: the plugin-facing types, the random
+    #          streams, the run folder's names, an image folder tree's files, the study file
     2: ("run", "open_run", "stats"),  # torch-free: writing and reading a run folder, per-epoch statistics
     3: ("data", "augment", "noise", "model", "loop", "distributed", "streaming", "loggers"),  # the pieces of training
     4: ("config", "background", "trainer"),  # a run's configuration, its background work, the trainer
-    5: ("train", "seeds", "analyse_run", "reinit", "track"),  # one file per command (track: hpa.Tracker)
+    5: ("train", "seeds", "analyse_run", "reinit", "track", "study", "reproduce"),  # one file per command (track: hpa.Tracker)
 }
 TORCH_FREE_FLOORS = (1, 2)
 HEAVY = ("torch", "torchvision", "safetensors.torch")

@@ -219,3 +219,19 @@ def test_submitit_checkpoints_a_preempted_job_and_requeues_it(submitit_local, tm
     assert outcome.ok, outcome.error
     assert outcome.value == {"count": 15, "starts": 2}
     assert state.with_suffix(".stopped").read_text() == "yes"
+
+
+def cuda_seen() -> dict:
+    import torch
+
+    return {"count": torch.cuda.device_count(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+@pytest.mark.skipif(not visible_gpus(), reason="needs a GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
+def test_on_a_gpu_machine_each_local_job_sees_exactly_its_own_gpu():
+    gpus = visible_gpus()
+    jobs = [Job(f"gpu{i}", cuda_seen) for i in range(len(gpus))]
+    outcomes = list(LocalExecutor(jobs=len(gpus)).run(jobs))
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert all(o.value["count"] == 1 for o in outcomes)
+    assert sorted(o.value["visible"] for o in outcomes) == sorted(gpus)

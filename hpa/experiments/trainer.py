@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import math
 import platform
+import signal
+import threading
 import time
 import warnings
 from importlib import metadata
@@ -133,8 +135,10 @@ class Trainer:
         torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if self.config.cpu_threads is not None:
             torch.set_num_threads(self.config.cpu_threads)
+        stack = contextlib.ExitStack()
         try:
             host = steady_host_memory() if self.device.type == "cpu" else contextlib.nullcontext()
+            stack.enter_context(_signals_stop())
             # dropout draws from the global RNG: leave it as found
             with torch.random.fork_rng(devices=devices), host:
                 for epoch in range(first_epoch, self.config.recipe.epochs + 1):
@@ -152,6 +156,7 @@ class Trainer:
             raise
         finally:
             self.loggers.close()
+            stack.close()
             torch.use_deterministic_algorithms(deterministic)
             torch.set_num_threads(threads)
             if self.world is not None:
@@ -280,6 +285,27 @@ class Trainer:
         return {"validation": self.config.recipe.validation, "stratified": True, "seeded_by": "seed",
                 "n_train": int(len(train)), "n_validation": int(len(validation)),
                 "n_test": int(len(self.dataset.test_labels))}
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """SIGTERM and SIGUSR1 (a scheduler's pre-emption or time limit) stop training as Ctrl-C does: the
+    finished epochs' writes complete, run.json says "interrupted", and a requeued job resumes from there."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(signum, frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class _CountedBatches:
