@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutation clean
+.PHONY: demo test test-studies bench mutation clean
 
 # Set-up is quiet unless it fails; then the whole log is shown.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# make test-studies : every built-in study of 'hpa reproduce' end to end on fixture data (about 10 minutes)
+test-studies: $(STAMP)
+	$(BIN)/python -m pytest -q -m studies tests/test_reproduce.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

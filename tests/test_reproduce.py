@@ -2,7 +2,7 @@
 
 Every built-in study is checked against the real ``hpa train``/``hpa reinit`` options and recipes.
 End to end (one epoch, one seed, tiny CIFAR-10/100 python batches and MNIST idx files): Fig. 7 (the
-paper's layout) always; every other built-in under the ``slow`` mark (each trains a VGG-19 or LeNet,
+paper's layout) always; every other built-in under the ``studies`` mark, which ``make test-studies`` runs (each trains a VGG-19 or LeNet,
 some reset it layer by layer too: 30 s to 2 min each on a shared 2-core machine, and about 1 GB of
 snapshots each).  tests/test_study.py runs a [reinit] study on the small digits network.
 """
@@ -115,6 +115,7 @@ LENET9 = pytest.mark.xfail(strict=True, reason="hpa train fails on cifar:lenet9 
 
 
 @pytest.mark.slow
+@pytest.mark.studies  # not in make test (its CI budget): 'make test-studies' runs them
 @pytest.mark.parametrize("name", [pytest.param(name, marks=LENET9) if name == "cones-fig1" else name
                                   for name in FIGURES if name not in ALWAYS])
 def test_every_other_built_in_study_runs_end_to_end(name, data, tmp_path, run_hpa):
