@@ -62,7 +62,7 @@ def test_the_list_shows_every_training_figure_with_its_grid_budget_and_data(run_
         assert f"\n{name} " in "\n" + text, name
     assert "10 runs x 100 epochs · grid seeds=0,1,2,3,4,5,6,7,8,9 · recipe paper · data cifar-10-batches-py/" in text
     assert "6 runs x 100 epochs · grid plugin=cifar10,mnist seeds=0,1,2 · recipe exponential" in text
-    assert "needs an imagenet task" in text
+    assert "is not a built-in study yet" in text and "needs 'hpa reinit' on a streamed" in text
 
 
 def test_a_shrunk_study_says_so(tmp_path):
@@ -72,7 +72,7 @@ def test_a_shrunk_study_says_so(tmp_path):
 
 
 def test_an_unavailable_or_unknown_figure_and_a_bad_subset_are_refused(run_hpa, tmp_path):
-    assert_bad_input(run_hpa("reproduce", "fig8", "--data", tmp_path, "--out", tmp_path / "o"), "imagenet task")
+    assert_bad_input(run_hpa("reproduce", "fig8", "--data", tmp_path, "--out", tmp_path / "o"), "docs/reproducing.md")
     assert_bad_input(run_hpa("reproduce", "fig77"), "did you mean 'fig7'")
     assert_bad_input(run_hpa("reproduce", "fig21", "--data", tmp_path, "--out", tmp_path / "o", "--subset",
                              "plugin=imagenet"), "fig21's plugin is one of cifar10, mnist")
