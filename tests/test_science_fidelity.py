@@ -503,12 +503,22 @@ def cifar_fixture(tmp_path_factory):
     return data
 
 
+@pytest.fixture(scope="module")
+def jpeg_fixture(tmp_path_factory):
+    from test_streaming import write_tree
+
+    return write_tree(tmp_path_factory.mktemp("jpeg"), per_class=4, val_per_class=1)
+
+
 @pytest.mark.parametrize("name", _documented_recipes())
-def test_each_documented_recipe_trains_one_epoch_on_cifar_files(cifar_fixture, tmp_path, name):
+def test_each_documented_recipe_trains_one_epoch_on_cifar_files(cifar_fixture, jpeg_fixture, tmp_path, name):
+    """On CIFAR-10 python batches; a recipe that streams (the ImageNet one) on a JPEG tree in ImageNet's layout."""
     from hpa.experiments.train import train
     from hpa.experiments.types import NAMED_RECIPES
 
-    run = train("cifar10", out=tmp_path / name, data=cifar_fixture, arch="cifar:small_max", recipe_name=name,
+    streams = NAMED_RECIPES[name].changes.get("crop") is not None  # a crop: decoded from files as it trains
+    task, data = ("imagenet", jpeg_fixture) if streams else ("cifar10", cifar_fixture)
+    run = train(task, out=tmp_path / name, data=data, arch="cifar:small_max", recipe_name=name,
                 epochs=1, statistics=["none"], device="cpu", cpu_threads=1)
     saved = record(run)
     assert saved["status"] == "complete" and saved["config"]["recipe_name"] == name
