@@ -16,10 +16,12 @@ The rules for every writer (``hpa scan --out`` today, run folders later) live he
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,7 +33,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from hpa.errors import HpaWarning, LoadError, OutputError
 
@@ -511,3 +513,15 @@ def _signals_as_exceptions(what: str) -> Iterator[_Guard]:
     if interrupted:
         raise OutputError(f"writing {what} was interrupted by {signal.Signals(guard.received).name}; "
                           "nothing was changed")
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as CSV, the columns in order of first appearance."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

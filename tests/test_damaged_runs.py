@@ -246,7 +246,7 @@ def test_the_undamaged_run_passes_every_check(pristine):
 
 
 def test_series_made_again_from_stats_is_the_file_byte_for_byte(pristine):
-    from hpa.experiments.layout import csv_text
+    from hpa.files import csv_text
     from hpa.experiments.open_run import RunFolder
 
     assert csv_text(RunFolder(pristine).series_from_stats()) == (pristine / "series.csv").read_text()

@@ -18,8 +18,6 @@ A ``--seeds`` folder holds ``seeds.json``, one run per seed in ``seed-N/``,
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -96,18 +94,6 @@ def finite_number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def csv_text(rows: list[dict[str, Any]]) -> str:
-    """``rows`` as CSV, the columns in order of first appearance."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def series_rows_of(epoch: int, result: dict[str, Any]) -> list[dict[str, Any]]:

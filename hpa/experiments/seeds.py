@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from hpa.errors import HpaError, OptionError, TrainingInterrupted
-from hpa.experiments.layout import (RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, csv_text, finite_number,
+from hpa.experiments.layout import (RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, finite_number,
                                     seed_folder, seed_folders)
 from hpa.experiments.open_run import RunFolder, open_run, read_seeds, warn
 from hpa.experiments.run import RunDir
-from hpa.files import atomic_write_text
+from hpa.files import atomic_write_text, csv_text
 
 __all__ = ["SEEDS_JSON", "ONE_PROCESS", "is_multi_seed", "parse_seeds", "resume_seeds", "train_seeds",
            "write_summary"]

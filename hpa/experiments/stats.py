@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import hpa
 from hpa.errors import LoadError
-from hpa.experiments.layout import FINISHED, SERIES, csv_text, series_rows_of, snapshot_name, stats_name
+from hpa.experiments.layout import FINISHED, SERIES, series_rows_of, snapshot_name, stats_name
 from hpa.experiments.open_run import RunFolder, RunFolderError
-from hpa.files import atomic_write_text
+from hpa.files import atomic_write_text, csv_text
 from hpa.plugins import registries
 
 

@@ -33,10 +33,10 @@ from typing import Any, Callable, Mapping
 
 from hpa.errors import HpaError, OutputError
 from hpa.executors import Job, Requeue
-from hpa.experiments.layout import RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, csv_text, seed_folder
+from hpa.experiments.layout import RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, seed_folder
 from hpa.experiments.open_run import Run, RunFolder
 from hpa.experiments.study_file import CommandOption, Study, first_difference, flags, read_study
-from hpa.files import atomic_write_text, check_output_dir
+from hpa.files import atomic_write_text, check_output_dir, csv_text
 
 STUDY_JSON, STUDY_TOML, BOOKS = "study.json", "study.toml", ".study"
 STUDY_FORMAT = 1

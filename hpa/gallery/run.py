@@ -5,8 +5,6 @@ the figures.  See :mod:`hpa.gallery.layout` for the folder and :mod:`hpa.gallery
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from hpa.errors import OptionError, OutputError
-from hpa.files import atomic_directory, atomic_write_text, check_output_dir, replace_manifest
+from hpa.files import atomic_directory, atomic_write_text, check_output_dir, csv_text, replace_manifest
 from hpa.gallery import layout
 from hpa.gallery.entries import Entry, expand
 from hpa.gallery.scan_models import NOT_CACHED, failure, read_record, scan_chunk, scan_entry, write_record
@@ -278,7 +276,7 @@ def write_summary(target: Path, fig_format: str = "png", ignored: Iterable[str] 
     line, details = coverage(records)
     ignored = list(ignored)
     notes = [f"ignored {len(ignored)} files hpa does not read: {', '.join(ignored)}"] if ignored else []
-    atomic_write_text(target / layout.TABLE, _csv_text(rows))
+    atomic_write_text(target / layout.TABLE, csv_text(rows))
     atomic_write_text(target / layout.COVERAGE, "\n".join([line, *details, *notes]) + "\n")
     atomic_write_text(target / layout.NOT_CACHED, _not_cached_text(records))
     with atomic_directory(target / layout.FIGURES, what="gallery figures folder") as staging:
@@ -298,17 +296,6 @@ def _curves(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                            "depth": relative_depths(len(layers)),
                            "n_l": [layer["negative"] / layer["filters"] for layer in layers]})
     return curves
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _not_cached_text(records: list[Mapping[str, Any]]) -> str:
