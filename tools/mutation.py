@@ -142,7 +142,7 @@ MUTANTS = (
            "    if _exchange(staging, target):\n        return staging\n",
            "    _remove_tree(target)\n    os.rename(staging, target)\n    return None\n", (FILES,)),
     Mutant("files: manifest check skipped (a folder with foreign files is replaced)", ("hpa/files.py",),
-           "    found = foreign_entry(folder)\n    if found is None:\n        return\n",
+           "    found = foreign_entry(folder, nested)\n    if found is None:\n        return\n",
            "    found = None\n    if found is None:\n        return\n", (FILES, OUT_DIR)),
     Mutant("files: a file changed since hpa wrote it counts as hpa's", ("hpa/files.py",),
            "if name in listed and (not path.is_file() or _fingerprint(path) != listed[name]):",
