@@ -28,7 +28,6 @@ from hpa.backends.torch_trace import to_numpy
 from hpa.graph import Layer
 from hpa.registry import ModuleConverter
 
-__all__ = ["ChannelReLUConv2d", "channel_relu_converter", "lenet9", "vgg9"]
 
 __all__ = ["ChannelReLUConv2d", "lenet9", "vgg9", "LENET9_CONVS", "VGG9_CONVS"]
 

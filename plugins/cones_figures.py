@@ -200,13 +200,13 @@ def _states_epochs_page(series, curves, pairs, page: int, n_pages: int):
 
     cols = min(3, len(pairs))
     rows = math.ceil(len(pairs) / cols)
-    fig = style.new_figure(style.COLUMN if cols == 1 else style.FULL, 1.55 * rows + 1.0)
+    fig = style.new_figure(style.COLUMN if cols == 1 else style.FULL, 1.55 * rows + 1.3)
     axes, strip = style.panels(fig, rows, cols, 1.55, legend=True, sharex=True)
     for ax, pair in zip(axes.flat, pairs):
         over_epochs.mark_decays(ax, series.decay_epochs)
         for state in STATES:
             over_epochs.draw_curve(ax, curves[pair][state], _COLOURS[state], state)
-        ax.set_title(f"{style.short(pair[0], 20)} → {style.short(pair[1], 20)}")
+        style.panel_title(ax, f"{style.short(pair[0], 20)} → {style.short(pair[1], 20)}")
         ax.set_ylim(-0.02, 1.02)
         over_epochs.epoch_axis(ax)
     for ax in list(axes.flat)[len(pairs):]:

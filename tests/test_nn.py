@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,31 @@ def test_tracer_keeps_the_channel_wise_relu_and_never_folds_a_bn_after_the_sum()
     layer = hpa.load(model, input_size=(2, 6, 6))["0"]
     assert layer.activation == "relu" and not layer.bn_folded
     np.testing.assert_array_equal(layer.weight, model[0].weight.detach().numpy())
+
+
+class _BusyNeighbour(nn.Module):
+    """Runs another network's forward pass on a second thread in the middle of its own, as a trainer's
+    training thread does while its writer thread traces a snapshot."""
+
+    def __init__(self, neighbour: nn.Module) -> None:
+        super().__init__()
+        self.neighbour = [neighbour]  # a list: not a submodule of this network
+        self.first, self.second = ChannelReLUConv2d(3, 4, 3, padding=1), ChannelReLUConv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.first(x)
+        other = threading.Thread(target=self.neighbour[0], args=(torch.randn(1, 3, 7, 7),))
+        other.start()
+        other.join()
+        return self.second(x)
+
+
+def test_a_forward_pass_on_another_thread_does_not_enter_the_trace():
+    """Module hooks are process-wide: this was 'the initial snapshot has no layer ...' for cifar:lenet9."""
+    torch.manual_seed(0)
+    neighbour = nn.Sequential(ChannelReLUConv2d(3, 5, 3, padding=1), ChannelReLUConv2d(5, 5, 3, padding=1))
+    model = _BusyNeighbour(neighbour)
+    graph = hpa.load(model, input_size=(3, 7, 7))
+    assert [layer.name for layer in graph] == ["first", "second"]
+    assert [layer.out_channels for layer in graph] == [4, 2]
+    assert graph["second"].predecessors == ("first",)

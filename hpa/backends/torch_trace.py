@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -79,6 +80,9 @@ class _Tracer(TorchFunctionMode):
         self.opaque_depth = 0
         self.used_names: dict[str, int] = {}
         self.seen_weights: set[int] = set()
+        # Module hooks are process-wide: a training loop's forward pass on another thread (the trainer
+        # scans snapshots on its writer thread) calls them too, and must not enter this trace.
+        self.thread = threading.get_ident()
 
     # -- bookkeeping -----------------------------------------------------------
     def new_node(self, op: str, inputs: list[Node], **kw: Any) -> Node:
@@ -113,12 +117,20 @@ class _Tracer(TorchFunctionMode):
                 if isinstance(v, torch.Tensor) and id(v) in self.state_keys}
 
     # -- module hooks ------------------------------------------------------------
+    def follows(self, module: torch.nn.Module) -> bool:
+        """Whether a module call belongs to this trace: it runs on the tracing thread."""
+        return threading.get_ident() == self.thread
+
     def pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        if not self.follows(module):
+            return
         self.stack.append(module)
         if type(module) in _module_converters():
             self.opaque_depth += 1
 
     def post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self.follows(module):
+            return
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         converter = _module_converters().get(type(module))

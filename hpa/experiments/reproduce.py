@@ -10,6 +10,7 @@ re-initialisation figures as one heatmap per seed and their mean (``hpa reinit``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from hpa.experiments.layout import seed_folder
 from hpa.experiments.open_run import Run, RunFolder
 from hpa.experiments.study import REINIT_FOLDER, StudyReport, run_status, run_study
 from hpa.experiments.study_file import CommandOption, Study
+from hpa.plugins import registries
 
 PAPER_2020 = "Gamba et al. 2020, Hyperplane Arrangements of Trained ConvNets Are Biased"
 PAPER_2019 = "Gamba et al. 2019, On the Geometry of Rectifier Convolutional Neural Networks"
@@ -174,7 +176,8 @@ def reproduce(name: str, data: str | Path, out: str | Path, executor, train_opti
 
 
 def draw_figure(figure: Figure, out: Path, study: Study, note: str) -> list[Path]:
-    """OUT/figures/FIGURE[-CELL].png in the paper's layout, for every cell with a complete seed."""
+    """OUT/figures/FIGURE[-CELL].png in the paper's layout, for every cell with a complete seed (the cone
+    figures: OUT/figures/FIGURE[-CELL]/cones_states_epochs.png)."""
     # here, not at the top: the figures import matplotlib
     from hpa.render.study import paper_figure
 
@@ -188,10 +191,12 @@ def draw_figure(figure: Figure, out: Path, study: Study, note: str) -> list[Path
         stem = out / "figures" / (figure.name if len(study.cells()) == 1 else f"{figure.name}-{cell.name}")
         stem.parent.mkdir(parents=True, exist_ok=True)
         title = f"{figure.paper.split(',')[0]}, {figure.name}: {series.caption}"
-        if figure.layout != "cones":
+        if figure.layout == "cones":  # the cones statistic's own figures, over the seeds, titled as the paper's
+            captioned = dataclasses.replace(series, caption=" · ".join(filter(None, (title, note))))
+            stem.mkdir(exist_ok=True)
+            written += registries()["statistics"].get("cones").plot_series(captioned, stem, "png")
+        else:
             written += paper_figure(series, stem, "png", title, note)
-        if figure.layout == "cones":
-            written += sorted((folder / "figures").glob("*cones*"))
         if figure.layout == "reinit":
             written += sorted((folder / REINIT_FOLDER).glob("heatmap*.png"))
     return written

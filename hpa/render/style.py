@@ -183,7 +183,21 @@ def title(fig, caption: str, more: str = "") -> None:
             lines[-1] += " · " + part
         else:
             lines.append(part)
-    fig.suptitle("\n".join(lines + ([more] if more else [])))
+    lines += [more] if more else []
+    # Each line past the first makes the figure taller by its height, so a long caption does not squeeze the panels.
+    fig.set_figheight(fig.get_figheight() + (len(lines) - 1) * points * 1.25 / 72)
+    fig.suptitle("\n".join(lines))
+
+
+def panel_title(ax, text: str, sep: str = " → ") -> None:
+    """``text`` as the panel's title, broken after ``sep`` when one line is wider than the panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()  # a pyplot-free canvas, to measure the text
+    title = ax.set_title(text)
+    if sep in text and title.get_window_extent(renderer).width > ax.get_window_extent(renderer).width:
+        head, tail = text.split(sep, 1)
+        ax.set_title(f"{head}{sep.rstrip()}\n{tail}")
 
 
 def select(names: Sequence[str], pattern: str | None) -> list[str]:
