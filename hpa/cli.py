@@ -504,6 +504,8 @@ def experiments(as_json: bool) -> None:
 @click.option("--plugin", metavar="TASK", help="With a spec: the task whose test split is evaluated.")
 @click.option("--data", type=click.Path(), help="Folder holding the task's dataset files.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of fresh inits and random draws.")
+@click.option("--workers", type=click.IntRange(min=0), metavar="N", help="A streamed run: DataLoader workers "
+              "decoding its test images (0: in this process).  [default: the usable cores, at most 8]")
 @click.option("--out", type=click.Path(), help="Result folder.  [default: RUN_DIR/reinit]")
 @click.option("--format", "fig_format", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
@@ -708,7 +710,7 @@ def reproduce(figure: str, data, out, epochs, seeds, subset, quiet: bool, **flag
     if figure == "list":
         _list_figures(describe())
         return
-    figure_named(figure)  # an unknown or unavailable figure is refused before anything else
+    figure_named(figure)  # an unknown figure is refused before anything else
     if data is None or out is None:
         raise OptionError(f"hpa reproduce {figure} needs --data DIR (the datasets) and --out DIR (the study folder)")
     chosen = {}
@@ -728,9 +730,6 @@ def reproduce(figure: str, data, out, epochs, seeds, subset, quiet: bool, **flag
 
 def _list_figures(rows) -> None:
     for row in rows:
-        if "unavailable" in row:
-            click.echo(f"{row['name']:<14} {row['what']}  [{row['unavailable']}]")
-            continue
         grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in row["grid"].items())
         also = f" (also {', '.join(row['aliases'])})" if row["aliases"] else ""
         click.echo(f"{row['name']:<14} {row['what']}{also}")

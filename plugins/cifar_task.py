@@ -39,10 +39,26 @@ AUTHORS_NORMALISATION = {
 def register_experiments(register):
     register(Task(name="cifar10", dataset=lambda data, download: load_cifar("CIFAR10", data, download),
                   architecture="cifar:vgg19", input_size=(3, 32, 32), num_classes=10, recipe=Recipe(),
+                  present=lambda data: cifar_present("CIFAR10", data),
                   description="CIFAR-10 (torchvision python batches; 50k train, 10k test, 10 classes)"))
     register(Task(name="cifar100", dataset=lambda data, download: load_cifar("CIFAR100", data, download),
                   architecture="cifar:vgg19", input_size=(3, 32, 32), num_classes=100, recipe=Recipe(),
+                  present=lambda data: cifar_present("CIFAR100", data),
                   description="CIFAR-100 (torchvision python batches; 50k train, 10k test, 100 classes)"))
+
+
+def cifar_present(class_name: str, data_dir) -> None:
+    """LoadError when a batch file is missing from --data DIR (Task.present)."""
+    import torchvision.datasets as tvd
+
+    official = getattr(tvd, class_name)
+    _require_files(*_files_of(official, data_root(data_dir)), class_name)
+
+
+def _files_of(official, root: Path) -> tuple[Path, list[str]]:
+    """(the folder of the python batches, their file names)."""
+    return root / official.base_folder, [name for name, _ in official.train_list + official.test_list] + [
+        official.meta["filename"]]
 
 
 def load_cifar(class_name: str, data_dir, download: bool) -> Dataset:
@@ -51,8 +67,7 @@ def load_cifar(class_name: str, data_dir, download: bool) -> Dataset:
 
     official = getattr(tvd, class_name)
     root = data_root(data_dir)
-    folder = root / official.base_folder
-    names = [name for name, _ in official.train_list + official.test_list] + [official.meta["filename"]]
+    folder, names = _files_of(official, root)
     if download:
         _download(official, root)
     _require_files(folder, names, class_name)

@@ -37,13 +37,20 @@ IMAGEFOLDER_LAYOUT = "an imagefolder tree holds DIR/train/<class>/*.jpg|png and 
 @hookimpl
 def register_experiments(register):
     register(Task(name="imagefolder", dataset=load_imagefolder, architecture="cifar:vgg19", input_size=None,
-                  recipe=Recipe(), files=imagefolder_files,
+                  recipe=Recipe(), files=imagefolder_files, present=_checked(imagefolder_files),
                   description="an ImageNet-style train/ + val/ folder tree of images (--data PATH)"))
     register(Task(name="imagenet", dataset=_imagenet_in_memory, architecture="cifar:alexnet",
                   input_size=(3, 224, 224), num_classes=1000, recipe=Recipe(**IMAGENET_AUGMENTATION),
-                  files=imagenet_files,
+                  files=imagenet_files, present=_checked(imagenet_files),
                   description="ImageNet (ILSVRC-2012) from DIR/train/<wnid>/ and DIR/val/<wnid>/, streamed; "
                               "nothing downloaded"))
+
+
+def _checked(files):
+    """Task.present of a tree: its layout checked (folders, classes, no empty class), nothing decoded."""
+    def present(data_dir) -> None:
+        files(data_dir)
+    return present
 
 
 def imagenet_files(data_dir):

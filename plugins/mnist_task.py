@@ -22,10 +22,28 @@ _RECIPE = Recipe(flip=False)
 def register_experiments(register):
     register(Task(name="mnist", dataset=lambda data, download: load_mnist("MNIST", data, download),
                   architecture="cifar:lenet6", input_size=(1, 28, 28), num_classes=10, recipe=_RECIPE,
+                  present=lambda data: mnist_present("MNIST", data),
                   description="MNIST handwritten digits (torchvision idx files; 60k train, 10k test)"))
     register(Task(name="fashion_mnist", dataset=lambda data, download: load_mnist("FashionMNIST", data, download),
                   architecture="cifar:lenet6", input_size=(1, 28, 28), num_classes=10, recipe=Recipe(),
+                  present=lambda data: mnist_present("FashionMNIST", data),
                   description="Fashion-MNIST (torchvision idx files; 60k train, 10k test)"))
+
+
+def mnist_present(class_name: str, data_dir) -> None:
+    """LoadError when an idx file is missing from --data DIR (Task.present)."""
+    import torchvision.datasets as tvd
+
+    folder, names = _files_of(getattr(tvd, class_name), data_root(data_dir))
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise LoadError(f"{class_name} files missing from {folder}: {', '.join(missing)}; put the uncompressed "
+                        f"idx files there (inside --data DIR), or pass --download")
+
+
+def _files_of(dataset_class, root: Path) -> tuple[Path, list[str]]:
+    """(the folder of the uncompressed idx files, their names)."""
+    return root / dataset_class.__name__ / "raw", [Path(url).stem for url, _ in dataset_class.resources]
 
 
 def load_mnist(class_name: str, data_dir, download: bool) -> Dataset:
@@ -34,14 +52,10 @@ def load_mnist(class_name: str, data_dir, download: bool) -> Dataset:
 
     dataset_class = getattr(tvd, class_name)
     root = data_root(data_dir)
-    folder = root / class_name / "raw"
-    names = [Path(url).stem for url, _ in dataset_class.resources]
+    folder, names = _files_of(dataset_class, root)
     if download:
         _download(dataset_class, root)
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise LoadError(f"{class_name} files missing from {folder}: {', '.join(missing)}; put the uncompressed "
-                        f"idx files there (inside --data DIR), or pass --download")
+    mnist_present(class_name, data_dir)
     try:
         train, test = dataset_class(str(root), train=True), dataset_class(str(root), train=False)
     except Exception as exc:  # torchvision's idx reader: wrong magic, truncated file

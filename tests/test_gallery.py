@@ -208,11 +208,13 @@ def test_holm_matches_the_step_down_by_hand():
     assert holm(p) == pytest.approx(_holm_by_hand(p))
 
 
-def test_the_executor_path_gives_the_same_table(tmp_path, run_hpa):
-    """Two worker processes (hpa.executors, --jobs 2) give the table a scan in this process gives."""
+@pytest.mark.parametrize("executor", [("--jobs", "2"), ("--executor", "submitit-local")], ids=["local", "submitit"])
+def test_the_executor_path_gives_the_same_table(executor, tmp_path, run_hpa):
+    """Two worker processes (hpa.executors, --jobs 2), or submitit's LocalExecutor (SLURM's code path), give
+    the table a scan in this process gives."""
     specs = ["torchvision:squeezenet1_0", "torchvision:squeezenet1_1"]
     run_gallery(specs, tmp_path / "here", weights="none")
-    parallel = run_hpa("gallery", *specs, "--weights", "none", "--quiet", "--jobs", "2", "--out", tmp_path / "jobs")
+    parallel = run_hpa("gallery", *specs, "--weights", "none", "--quiet", *executor, "--out", tmp_path / "jobs")
     assert parallel.returncode == 0, parallel.stderr
     assert parallel.stdout.splitlines()[0] == "2 of 2 conv models scanned"
     strip = lambda rows: {n: {k: v for k, v in r.items() if k != "seconds"} for n, r in rows.items()}  # noqa: E731

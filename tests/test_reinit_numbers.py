@@ -222,7 +222,7 @@ def test_uint8_checkpoint_cells_equal_a_plain_loop(cifar_run, cifar_json):
 def test_uint8_criticality_and_both_spearman_correlations(cifar_run, cifar_json):
     check_correlations(cifar_json, Hand(cifar_run, "cifar"), CIFAR_LAYERS)
     assert cifar_json["options"] == {"rerandomize": False, "draws": None, "reset_bn": False, "with_linear": True,
-                                     "device": "cpu", "seed": 0}
+                                     "device": "cpu", "seed": 0, "test_split": "in memory"}
     assert cifar_json["source"] == str(cifar_run)
 
 

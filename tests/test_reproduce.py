@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_bad_input
+from test_streaming import write_tree
 from test_tasks import write_cifar, write_mnist
 
-from hpa.experiments.reproduce import FIGURES, UNAVAILABLE, study_text
+from hpa.experiments.reproduce import FIGURES, study_text
 from hpa.experiments.study_file import read_study
 from hpa.experiments.types import NAMED_RECIPES
 
@@ -30,6 +31,7 @@ def data(tmp_path_factory):
     write_cifar(root, per_batch=4)  # 20 training images (none left for validation): a VGG-19 epoch in a second
     write_cifar(root, classes=100, per_batch=40)
     write_mnist(root, train=40, test=10)
+    write_tree(root, per_class=4, val_per_class=2)  # train/<wnid>/ and val/<wnid>/ beside them: the imagenet task's
     return root
 
 
@@ -58,11 +60,11 @@ def test_the_list_shows_every_training_figure_with_its_grid_budget_and_data(run_
     proc = run_hpa("reproduce", "list")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    for name in [*FIGURES, *UNAVAILABLE]:
+    for name in FIGURES:
         assert f"\n{name} " in "\n" + text, name
     assert "10 runs x 100 epochs · grid seeds=0,1,2,3,4,5,6,7,8,9 · recipe paper · data cifar-10-batches-py/" in text
     assert "6 runs x 100 epochs · grid plugin=cifar10,mnist seeds=0,1,2 · recipe exponential" in text
-    assert "is not a built-in study yet" in text and "needs 'hpa reinit' on a streamed" in text
+    assert "3 runs x 100 epochs + reinit · grid seeds=0,1,2 · recipe paper · data train/<wnid>/ and val/<wnid>/" in text
 
 
 def test_a_shrunk_study_says_so(tmp_path):
@@ -71,8 +73,10 @@ def test_a_shrunk_study_says_so(tmp_path):
     assert 'recipe = ["exponential"]' in text and "seeds = [0]" in text and "epochs = 2" in text
 
 
-def test_an_unavailable_or_unknown_figure_and_a_bad_subset_are_refused(run_hpa, tmp_path):
-    assert_bad_input(run_hpa("reproduce", "fig8", "--data", tmp_path, "--out", tmp_path / "o"), "docs/reproducing.md")
+def test_missing_data_an_unknown_figure_and_a_bad_subset_are_refused(run_hpa, tmp_path):
+    assert_bad_input(run_hpa("reproduce", "fig8", "--data", tmp_path, "--out", tmp_path / "o"), "DIR/train/<wnid>/")
+    assert_bad_input(run_hpa("reproduce", "fig7", "--data", tmp_path, "--out", tmp_path / "o"),
+                     "CIFAR10 files missing")
     assert_bad_input(run_hpa("reproduce", "fig77"), "did you mean 'fig7'")
     assert_bad_input(run_hpa("reproduce", "fig21", "--data", tmp_path, "--out", tmp_path / "o", "--subset",
                              "plugin=imagenet"), "fig21's plugin is one of cifar10, mnist")

@@ -261,6 +261,16 @@ def test_a_bad_study_file_is_refused_in_one_line_with_nothing_written(case, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_data_is_refused_before_anything_is_written(tmp_path, capsys):
+    """One cell's task finds no files in its --data: one line for the whole study, not a failed cell each."""
+    text = BASE.replace('plugin = "digits"\n', "") + f"data = {json.dumps(str(tmp_path / 'empty'))}\n" + \
+        "[grid]\nplugin = ['digits', 'mnist']\nseeds = [0]\n"
+    study = write_study(tmp_path, text)
+    assert_bad_input(hpa_here(capsys, "study", "run", study, "--out", tmp_path / "out"), "MNIST files missing from",
+                     "--download")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_holding_foreign_files_is_refused_and_left_alone(tmp_path, capsys):
     study, out = write_study(tmp_path), tmp_path / "out"
     out.mkdir()

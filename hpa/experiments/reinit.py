@@ -15,6 +15,7 @@ with ``reset_bn``, the BatchNorm folded into it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from hpa.backends.torch_files import read_state_dict
 from hpa.errors import LoadError, OptionError, ReinitError, suggest
 from hpa.experiments.config import config_from_record, get_task, resolve_device
 from hpa.experiments.data import Normalisation, Split, dataset_as_trained
+from hpa.experiments.streaming import EVAL_ROWS, FileData, default_workers, memory_budget, training_data
 from hpa.experiments.layout import RUN_JSON, TRACKER, is_seed_folder, seed_folder
 from hpa.experiments.loop import EVAL_BATCH, evaluate
 from hpa.experiments.model import build_model, initialise, unwrapped
@@ -64,6 +66,8 @@ class _Subject:
     checkpoints: dict[int, Callable[[], dict]] = field(default_factory=dict)  # epoch -> its weights, read when asked
     init_std: float = 0.01  # the std of init "normal"
     evaluate: Callable[[Any], Any] | None = None  # a tracker run's: the caller's evaluation, instead of a test split
+    test: Any = None  # (split, normalisation) of the test split as the run saw it; None: ``dataset``'s, in memory
+    test_note: str = "in memory"  # how the test split is held, for reinit.json
 
 
 def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, layers: list[str] | None = None,
@@ -71,7 +75,7 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
            device: str = "cpu", weights: str | None = None, plugin: str | None = None,
            data: str | os.PathLike | None = None, seed: int = 0, batch_size: int = EVAL_BATCH,
            progress: Callable[[str], None] | None = None, model: Any = None,
-           evaluate: Callable[[Any], Any] | None = None) -> ReinitResult:
+           evaluate: Callable[[Any], Any] | None = None, workers: int | None = None) -> ReinitResult:
     """Reset each layer of a trained model to each checkpoint, evaluate on the test split; returns a ReinitResult.
 
     ``run_or_spec``: an ``hpa train`` run folder (several seeds: every ``seed-N``), or a loader
@@ -84,6 +88,9 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
     BatchNorm folded into the layer as well.  A run recorded by :class:`hpa.Tracker` needs
     ``model`` (a module of its architecture; a copy is swept, the final snapshot loaded into
     it) and ``evaluate(module) -> accuracy`` or ``(accuracy, loss)``, the caller's own test.
+    A run's test split is the one it was evaluated on: its class subset, and for a streamed run
+    its files through the run's own transforms, decoded by ``workers`` DataLoader workers (once,
+    when the decoded split fits the memory budget; else again for every cell).
     Raises ReinitError / OptionError for bad input.
     """
     if draws < 1:
@@ -95,9 +102,12 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
                           "checkpoint); leave out one of them")
     progress = progress or (lambda line: None)
     device = _device(device)
+    if workers is not None and workers < 0:
+        raise OptionError(f"--workers must be zero or a positive number of processes, not {workers}")
     subjects = _subjects(run_or_spec, weights=weights, plugin=plugin, data=data, seed=seed, device=device,
-                         epochs=[] if rerandomize else epochs, own=(model, evaluate))
-    rows, trained, n_l = [], {}, {}
+                         epochs=[] if rerandomize else epochs, own=(model, evaluate),
+                         workers=default_workers() if workers is None else workers)
+    rows, trained, n_l, held = [], {}, {}, {}
     with torch.no_grad():  # not inference_mode: --rerandomize initialises copies of modules in place
         for make_subject in subjects:  # one model in memory at a time
             subject = make_subject()
@@ -106,8 +116,10 @@ def reinit(run_or_spec: str | os.PathLike, *, epochs: list[int] | None = None, l
             rows += sweep.run(progress, len(subjects) > 1)
             trained[subject.label] = sweep.trained
             n_l[subject.label] = sweep.final_n_l()
+            held[subject.label] = subject.test_note
     options = {"rerandomize": rerandomize, "draws": draws if rerandomize else None, "reset_bn": reset_bn,
-               "with_linear": with_linear, "device": str(device), "seed": seed}
+               "with_linear": with_linear, "device": str(device), "seed": seed,
+               "test_split": held if len(set(held.values())) > 1 else next(iter(held.values()), None)}
     return ReinitResult(source=str(run_or_spec), rows=rows, trained=trained, n_l=n_l, options=options)
 
 
@@ -142,7 +154,7 @@ def result_folder(run_or_spec, out) -> Path:
 # -- the subjects: run folders or a spec ---------------------------------------------------------
 
 def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None,
-              own=(None, None)) -> list[Callable[[], _Subject]]:
+              own=(None, None), workers: int = 0) -> list[Callable[[], _Subject]]:
     """One maker per model to sweep (seeds of a run, or the spec), so that only one is built at a time.
 
     A run folder's files are all checked here, before any model is built or any progress shown.
@@ -156,7 +168,7 @@ def _subjects(run_or_spec, *, weights, plugin, data, seed, device, epochs=None,
         folders = _run_folders(path, epochs)
         if _tracked(folders[0]) or own != (None, None):
             return [partial(_subject_from_tracker, folder, device, *own) for folder in folders]
-        return [partial(_subject_from_run, folder, device, data) for folder in folders]
+        return [partial(_subject_from_run, folder, device, data, workers) for folder in folders]
     if plugin is None:
         raise OptionError(f"{run_or_spec} is neither a run folder nor usable without a task; give an "
                           "'hpa train' run folder, or a spec with --weights FILE --plugin TASK")
@@ -197,25 +209,58 @@ def _run_folders(path: Path, epochs: list[int] | None = None) -> list[Path]:
     return [reader.path for reader in readers]
 
 
-def _subject_from_run(folder: Path, device, data) -> _Subject:
+def _subject_from_run(folder: Path, device, data, workers: int = 0) -> _Subject:
     reader = RunFolder.open(folder)  # checked by _run_folders, as are the snapshots
     record = reader.record()
     saved = reader.snapshots()
     config = record["config"]
-    trained_on = record.get("data") or {}
-    if trained_on.get("path") == "streaming" or trained_on.get("classes"):
-        raise ReinitError(f"{folder} trained on the streaming path or a --classes subset, and hpa reinit evaluates "
-                          "the task's whole test split in memory; it cannot re-evaluate this run yet")
     task = get_task(config["task"])
     data = data if data is not None else record.get("data_dir")
-    dataset = _as_trained(task.dataset(None if data is None else Path(data), False), record)
+    dataset, test, note = _run_test_split(task, None if data is None else Path(data).expanduser(), record, device,
+                                          workers)
     recipe = config_from_record(record).recipe
     model, structure = build_model(config["arch"], dataset, config["seed"], recipe.init, task.name, recipe.init_std)
     final = max(saved)
     _load_state(model, reader.snapshot_state(final), saved[final])
     return _Subject(label=folder.name if is_seed_folder(folder) else seed_folder(folder, config["seed"]).name,
                     seed=int(config["seed"]), model=model.to(device), structure=structure, dataset=dataset,
-                    task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=_readers(reader))
+                    task=task.name, init=recipe.init, init_std=recipe.init_std, checkpoints=_readers(reader),
+                    test=test, test_note=note)
+
+
+def _run_test_split(task, data_dir, record: dict, device, workers: int):
+    """(the dataset, (test split, normalisation), how it is held): the run's data as it was trained on.
+
+    The path (in memory or streamed) and the class subset are the recorded ones, drawn again and
+    checked against run.json; the recorded noise is applied to an in-memory set.  A streamed test
+    split is decoded once into the device's memory when it fits the memory budget, and read from
+    its files again for every cell when it does not.
+    """
+    config = config_from_record(record)
+    trained_on = record.get("data") or {}
+    # The path taken (the trainer records it as the recipe's data_path; runs older than the streaming path: in memory).
+    path = trained_on.get("path") or config.recipe.data_path or "in-memory"
+    config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, data_path=path))
+    loaded = training_data(task, data_dir, False, config, device)
+    if (loaded.record.get("classes") or None) != (trained_on.get("classes") or None):
+        raise ReinitError(f"the {task.name} data found now holds other classes than the run trained on (run.json's "
+                          "data.classes); give the --data folder the run was trained with")
+    if loaded.streamed is None:
+        dataset = _as_trained(loaded.dataset, record)
+        return dataset, _test_split(dataset, task.name, device), "in memory"
+    streamed = loaded.streamed
+    if len(streamed.test_labels) == 0:
+        raise ReinitError(f"the {task.name} task has no test split to evaluate on; use a task with test images")
+    files = FileData(streamed, config.recipe, config.seed, device, workers=workers, skip=config.recipe.skip_unreadable)
+    decoded = len(files.test) * math.prod(streamed.input_size)
+    budget = memory_budget(device)
+    if decoded > budget:
+        note = (f"streamed: {len(files.test)} images read again for every cell ({decoded / 2**30:.2f} GiB "
+                f"decoded, over the memory budget of {budget / 2**30:.2f} GiB)")
+        return streamed, (files.test, files.normalisation), note
+    images, labels = zip(*files.test.batches(EVAL_ROWS))  # the labels of skipped images are the ignored label
+    held = Split(torch.cat(images), torch.cat(labels))
+    return streamed, (held, files.normalisation), f"streamed: {len(held)} images decoded once, held on the device"
 
 
 def _tracked(folder: Path) -> bool:
@@ -238,7 +283,7 @@ def _subject_from_tracker(folder: Path, device, model, evaluate) -> _Subject:
     _load_state(module, reader.snapshot_state(final), saved[final])
     return _Subject(label=seed_folder(folder, config["seed"]).name, seed=int(config["seed"]), model=module.to(device),
                     structure=reader.structure(), dataset=None, task=str(config["arch"]), init="default",
-                    checkpoints=_readers(reader), evaluate=evaluate)
+                    checkpoints=_readers(reader), evaluate=evaluate, test_note="the caller's evaluate(module)")
 
 
 def _as_trained(dataset, record: dict):
@@ -298,7 +343,9 @@ class _Sweep:
         self.layers = _choose_layers(subject.structure, layers, with_linear)
         self.roles = LAYER_ROLES + (BN_ROLES if reset_bn else ())
         self.epochs = [] if rerandomize else _choose_epochs(subject, epochs)
-        self.test = _test_split(subject.dataset, subject.task, device) if subject.evaluate is None else None
+        self.test = None
+        if subject.evaluate is None:
+            self.test = subject.test or _test_split(subject.dataset, subject.task, device)
         self.live = subject.model.state_dict()  # shares storage with the parameters: copy_ changes the model
         self.trained_tensors = {key: self.live[key].clone() for key in self._keys()}
 

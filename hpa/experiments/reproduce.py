@@ -26,7 +26,8 @@ from hpa.plugins import registries
 
 PAPER_2020 = "Gamba et al. 2020, Hyperplane Arrangements of Trained ConvNets Are Biased"
 PAPER_2019 = "Gamba et al. 2019, On the Geometry of Rectifier Convolutional Neural Networks"
-DATASETS = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "mnist": "MNIST/raw/"}
+DATASETS = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "mnist": "MNIST/raw/",
+            "imagenet": "train/<wnid>/ and val/<wnid>/ (ImageNet)"}
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,32 @@ class Figure:
 
 
 _VGG = {"plugin": "cifar10", "arch": "cifar:vgg19"}
+# The imagenet task's own recipe: the authors' RandomResizedCrop(224) and flips, Resize(256) + CenterCrop(224).
+_ALEXNET_IMAGENET = {"plugin": "imagenet", "arch": "cifar:alexnet", "recipe": "paper"}
+_VGG_IMAGENET = {"plugin": "imagenet", "arch": "cifar:vgg19", "recipe": "paper"}
 FIGURES = {figure.name: figure for figure in (
     Figure("fig2", PAPER_2020, "re-initialisation heatmaps, VGG-19 on CIFAR-10, step schedule",
            {**_VGG, "recipe": "paper"}, reinit={}, layout="reinit", aliases=("fig23",)),
+    Figure("fig5", PAPER_2020, "n_l over epochs, AlexNet on ImageNet", dict(_ALEXNET_IMAGENET),
+           aliases=("fig4",)),
     Figure("fig6", PAPER_2020, "VGG-19 on CIFAR-10, every training label replaced (the code's always-wrong labels)",
            {**_VGG, "recipe": "random-labels"}),
     Figure("fig6-uniform", PAPER_2020, "Fig. 6 as its text reads: labels redrawn uniformly (Zhang et al. 2017)",
            {**_VGG, "recipe": "random-labels-uniform"}),
     Figure("fig7", PAPER_2020, "n_l over epochs, VGG-19 on CIFAR-10, 10 runs", {**_VGG, "recipe": "paper"},
            seeds=tuple(range(10))),
+    Figure("fig8", PAPER_2020, "n_l over epochs, VGG-19 on ImageNet", dict(_VGG_IMAGENET)),
+    Figure("fig15", PAPER_2020, "VGG-19 from N(0, 0.01), which fails to learn, on ImageNet, 10 epochs",
+           {**_VGG_IMAGENET, "recipe": "failing-init", "epochs": 10}),
     Figure("fig15-cifar", PAPER_2020, "VGG-19 from N(0, 0.01), which fails to learn (on CIFAR-10; the paper: "
            "ImageNet), 10 epochs", {**_VGG, "recipe": "failing-init", "epochs": 10}, seeds=(0,)),
     Figure("fig16", PAPER_2020, "VGG-19 on CIFAR-100, smooth schedule: heatmaps and n_l",
            {"plugin": "cifar100", "arch": "cifar:vgg19", "recipe": "exponential"}, reinit={}, layout="reinit",
            aliases=("fig17",)),
+    Figure("fig18", PAPER_2020, "re-initialisation heatmaps, AlexNet on ImageNet", dict(_ALEXNET_IMAGENET), reinit={},
+           layout="reinit"),
+    Figure("fig19", PAPER_2020, "re-initialisation heatmaps, VGG-19 on ImageNet", dict(_VGG_IMAGENET), reinit={},
+           layout="reinit"),
     Figure("fig20", PAPER_2020, "VGG-19 on CIFAR-10, each training image's pixels shuffled",
            {**_VGG, "recipe": "pixel-shuffle"}),
     Figure("fig21", PAPER_2020, "the first layer's n_l, smooth schedule: VGG-19 on CIFAR-10 and LeNet on MNIST",
@@ -86,20 +99,11 @@ FIGURES = {figure.name: figure for figure in (
            {"plugin": "cifar10", "arch": "cifar:vgg9", "recipe": "cones-2019", "stat": ["cones"],
             "snapshot_every": 10}, seeds=(0, 1, 2, 3, 4), layout="cones"),
 )}
-#: Figures that need a task hpa does not have yet: listed, and refused with the reason.
-UNAVAILABLE = {"fig5": "n_l over epochs, AlexNet on ImageNet", "fig8": "n_l over epochs, VGG-19 on ImageNet",
-               "fig15": "VGG-19 from N(0, 0.01) on ImageNet (fig15-cifar trains it on CIFAR-10)",
-               "fig18": "re-initialisation heatmaps, AlexNet on ImageNet",
-               "fig19": "re-initialisation heatmaps, VGG-19 on ImageNet"}
-#: Why each is not a built-in study yet (docs/reproducing.md gives the hpa train commands of the first three).
-_WHY = {"fig5": "is not a built-in study yet: run its 'hpa train --plugin imagenet' command in docs/reproducing.md",
-        "fig18": "needs 'hpa reinit' on a streamed (imagenet) run, which this version refuses"}
-_WHY.update(fig8=_WHY["fig5"], fig15=_WHY["fig5"], fig19=_WHY["fig18"])
 ALIASES = {alias: figure.name for figure in FIGURES.values() for alias in figure.aliases}
 
 
 def describe() -> list[dict[str, Any]]:
-    """Every training figure of the two papers: its grid, budget (runs x epochs) and data; or why it is absent."""
+    """Every training figure of the two papers: its grid, budget (runs x epochs) and data."""
     rows = []
     for figure in FIGURES.values():
         epochs = figure.train.get("epochs", 75 if figure.train.get("recipe") == "cones-2019" else 100)
@@ -108,17 +112,11 @@ def describe() -> list[dict[str, Any]]:
                      "what": figure.what, "recipe": figure.train.get("recipe") or ",".join(figure.grid.get("recipe", [])),
                      "grid": grid, "runs": figure.runs(), "epochs": epochs, "reinit": figure.reinit is not None,
                      "data": [DATASETS[task] for task in figure.tasks]})
-    for name, what in UNAVAILABLE.items():
-        rows.append({"name": name, "paper": PAPER_2020, "what": what,
-                     "unavailable": _WHY[name]})
     return rows
 
 
 def figure_named(name: str) -> Figure:
     name = ALIASES.get(name, name)
-    if name in UNAVAILABLE:
-        raise OptionError(f"{name} ({UNAVAILABLE[name]}) {_WHY[name]}; 'hpa reproduce list' shows the figures "
-                          "it can train")
     if name not in FIGURES:
         raise OptionError(f"no built-in figure {name!r}{suggest(name, list(FIGURES) + list(ALIASES))}; "
                           "'hpa reproduce list' lists them")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 from hpa.errors import HpaError, OutputError
 from hpa.executors import Job, Requeue
+from hpa.experiments.config import get_task
 from hpa.experiments.layout import RUN_JSON, SEEDS_JSON, SUMMARY_CSV, SUMMARY_JSON, seed_folder
 from hpa.experiments.open_run import Run, RunFolder
 from hpa.experiments.study_file import CommandOption, Study, first_difference, flags, read_study
@@ -107,6 +108,21 @@ def job_key(cell: str, seed: int | None) -> str:
 def _books(out: Path, key: str, kind: str) -> Path:
     name = key.replace("/", "--")
     return out / BOOKS / kind / (name + (".json" if kind == "jobs" else ".log"))
+
+
+def check_data(study: Study) -> None:
+    """Refuse, before anything is written, a study whose data is missing for a task that can say so
+    (``Task.present``); a cell with ``download`` fetches its own."""
+    seen = set()
+    for cell in study.cells():
+        values = {**study.train, **cell.values}
+        key = (values.get("plugin"), values.get("data"))
+        if not key[0] or values.get("download") or key in seen:  # no task: the cells' hpa train says so
+            continue
+        seen.add(key)
+        task = get_task(key[0])
+        if task.present is not None:
+            task.present(None if key[1] is None else Path(str(key[1])).expanduser())
 
 
 def training_jobs(out: Path, study: Study, train_options: Mapping[str, CommandOption]) -> tuple[list[Job], list[str]]:
@@ -288,6 +304,7 @@ def run_study(study_file: str | Path, out: str | Path, executor, train_options: 
     say = progress or (lambda line: None)
     study = read_study(study_file, train_options, reinit_options)
     study.cells()  # two cells in one folder are refused before anything is written
+    check_data(study)
     out = open_study_folder(out, study)
     _start_folder(out, study)
     report = StudyReport(out)

@@ -168,6 +168,9 @@ class Task:
     # The streaming path (hpa.experiments.streaming): --data folder -> the task's image files, decoded as
     # training goes.  None: the task trains in memory only.
     files: Callable[[Path | None], FileDataset] | None = None
+    # --data folder -> None, or LoadError naming what is missing and where to put it; from file names,
+    # decoding nothing (what hpa study checks before it writes anything).  None: the task cannot tell cheaply.
+    present: Callable[[Path | None], None] | None = None
 
 
 @dataclass(frozen=True)

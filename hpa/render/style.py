@@ -173,13 +173,20 @@ def caption(result) -> str:
 def title(fig, caption: str, more: str = "") -> None:
     """``caption`` as the figure's title, broken at its " · " separators to fit the figure's width."""
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.font_manager import FontProperties
 
     size = matplotlib.rcParams["figure.titlesize"]
     points = size if isinstance(size, (int, float)) else 9.0
-    room = max(20, int(fig.get_figwidth() * 72 / (0.6 * points)))  # characters per line, generously wide glyphs
+    renderer, font = FigureCanvasAgg(fig).get_renderer(), FontProperties(size=points)
+
+    def fits(text: str) -> bool:  # measured in the figure's font, with a margin either side
+        width = renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+        return width <= 0.94 * fig.get_figwidth() * fig.dpi
+
     lines: list[str] = []
     for part in caption.split(" · "):
-        if lines and len(lines[-1]) + 3 + len(part) <= room:
+        if lines and fits(lines[-1] + " · " + part):
             lines[-1] += " · " + part
         else:
             lines.append(part)
