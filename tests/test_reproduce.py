@@ -102,6 +102,8 @@ def _end_to_end(name: str, data: Path, tmp_path: Path, run_hpa) -> Path:
             assert (out / "figures" / stem / "cones_states_epochs.png").stat().st_size > 0
         else:
             assert (out / "figures" / f"{stem}.png").stat().st_size > 0
+        if figure.histograms:  # Fig. 4: the cosines of the last epoch against the initialisation
+            assert (out / "figures" / figure.histograms / "projection_histograms.png").stat().st_size > 0
         if figure.reinit is not None:  # one seed: one heatmap
             assert (out / cell["cell"] / "reinit" / "heatmap.png").stat().st_size > 0
     assert "figures: " in proc.stdout

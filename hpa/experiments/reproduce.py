@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from hpa.errors import OptionError, suggest
-from hpa.experiments.layout import seed_folder
+from hpa.experiments.layout import seed_folder, stats_name
 from hpa.experiments.open_run import Run, RunFolder
 from hpa.experiments.study import REINIT_FOLDER, StudyReport, run_status, run_study
 from hpa.experiments.study_file import CommandOption, Study
@@ -43,6 +43,7 @@ class Figure:
     reinit: dict[str, Any] | None = None
     layout: str = "paper"  # paper: n_l 1-7 / 8-16 / training; reinit: heatmaps too; cones: the cone figures
     aliases: tuple[str, ...] = ()
+    histograms: str | None = None  # the name of a figure of the trained and initial cosine histograms it also draws
 
     @property
     def tasks(self) -> list[str]:
@@ -62,8 +63,8 @@ _VGG_IMAGENET = {"plugin": "imagenet", "arch": "cifar:vgg19", "recipe": "paper"}
 FIGURES = {figure.name: figure for figure in (
     Figure("fig2", PAPER_2020, "re-initialisation heatmaps, VGG-19 on CIFAR-10, step schedule",
            {**_VGG, "recipe": "paper"}, reinit={}, layout="reinit", aliases=("fig23",)),
-    Figure("fig5", PAPER_2020, "n_l over epochs, AlexNet on ImageNet", dict(_ALEXNET_IMAGENET),
-           aliases=("fig4",)),
+    Figure("fig5", PAPER_2020, "n_l over epochs, AlexNet on ImageNet; Fig. 4, its cosines at init and trained",
+           dict(_ALEXNET_IMAGENET), aliases=("fig4",), histograms="fig4"),
     Figure("fig6", PAPER_2020, "VGG-19 on CIFAR-10, every training label replaced (the code's always-wrong labels)",
            {**_VGG, "recipe": "random-labels"}),
     Figure("fig6-uniform", PAPER_2020, "Fig. 6 as its text reads: labels redrawn uniformly (Zhang et al. 2017)",
@@ -90,6 +91,10 @@ FIGURES = {figure.name: figure for figure in (
            {**_VGG, "recipe": "unit-pixels"}),
     Figure("fig22", PAPER_2020, "step against smooth schedule, VGG-19 on CIFAR-10",
            dict(_VGG), grid={"recipe": ["paper", "exponential"]}),
+    Figure("fig21-imagenet", PAPER_2020, "Fig. 21's ImageNet curve: VGG-19, smooth schedule",
+           {**_VGG_IMAGENET, "recipe": "exponential"}),
+    Figure("fig22-imagenet", PAPER_2020, "Fig. 22's bottom row: step against smooth schedule, VGG-19 on ImageNet",
+           {"plugin": "imagenet", "arch": "cifar:vgg19"}, grid={"recipe": ["paper", "exponential"]}),
     Figure("fig24", PAPER_2020, "re-initialisation heatmaps, VGG-19 on CIFAR-10, smooth schedule",
            {**_VGG, "recipe": "exponential"}, reinit={}, layout="reinit"),
     Figure("cones-fig1", PAPER_2019, "cone states every 10 epochs, LeNet-9 on CIFAR-10, 5 runs",
@@ -197,5 +202,26 @@ def draw_figure(figure: Figure, out: Path, study: Study, note: str) -> list[Path
             written += paper_figure(series, stem, "png", title, note)
         if figure.layout == "reinit":
             written += sorted((folder / REINIT_FOLDER).glob("heatmap*.png"))
+        if figure.histograms:
+            name = figure.histograms if len(study.cells()) == 1 else f"{figure.histograms}-{cell.name}"
+            written += _histograms(RunFolder(seed_folder(folder, complete[0])), out / "figures" / name,
+                                   f"{figure.paper.split(',')[0]}, {figure.histograms}", note)
     return written
+
+
+def _histograms(run: RunFolder, folder: Path, title: str, note: str) -> list[Path]:
+    """The cosines of every layer, trained (the last epoch) against the initialisation (epoch 0), as
+    Fig. 4 draws them: the projection statistic's own figures of the last epoch's stored result."""
+    # here, not at the top: the result's figures import matplotlib
+    from hpa.api import read_result
+
+    last = max(run.snapshot_epochs())
+    result = read_result(run.path / stats_name(last))
+    record = run.record()["config"]
+    caption = " · ".join(filter(None, (title, f"{record['task']}", str(record["arch"]), f"seed {record['seed']}", note)))
+    result.graph.source.update(model=caption, weights=f"epoch {last}")
+    if result.init is not None:
+        result.init.source.update(weights="epoch 0")
+    folder.mkdir(parents=True, exist_ok=True)
+    return result.plot(folder)  # projection_histograms (Fig. 4) and projection_n_l
 
