@@ -117,19 +117,19 @@ class _Tracer(TorchFunctionMode):
                 if isinstance(v, torch.Tensor) and id(v) in self.state_keys}
 
     # -- module hooks ------------------------------------------------------------
-    def follows(self, module: torch.nn.Module) -> bool:
-        """Whether a module call belongs to this trace: it runs on the tracing thread."""
-        return threading.get_ident() == self.thread
+    def elsewhere(self) -> bool:
+        """Whether a module call comes from another thread, and so is not part of this trace."""
+        return threading.get_ident() != self.thread
 
     def pre_hook(self, module: torch.nn.Module, args: Any) -> None:
-        if not self.follows(module):
+        if self.elsewhere():
             return
         self.stack.append(module)
         if type(module) in _module_converters():
             self.opaque_depth += 1
 
     def post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not self.follows(module):
+        if self.elsewhere():
             return
         if self.stack and self.stack[-1] is module:
             self.stack.pop()

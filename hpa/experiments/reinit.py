@@ -33,11 +33,11 @@ from hpa.backends.torch_files import read_state_dict
 from hpa.errors import LoadError, OptionError, ReinitError, suggest
 from hpa.experiments.config import config_from_record, get_task, resolve_device
 from hpa.experiments.data import Normalisation, Split, dataset_as_trained
-from hpa.experiments.streaming import EVAL_ROWS, FileData, default_workers, memory_budget, training_data
 from hpa.experiments.layout import RUN_JSON, TRACKER, is_seed_folder, seed_folder
 from hpa.experiments.loop import EVAL_BATCH, evaluate
 from hpa.experiments.model import build_model, initialise, unwrapped
 from hpa.experiments.open_run import RunFolder, read_seeds
+from hpa.experiments.streaming import EVAL_ROWS, FileData, default_workers, memory_budget, training_data
 from hpa.files import atomic_directory, check_model_file, check_output_dir
 from hpa.rebind import rebind
 from hpa.render.reinit import plot_reinit
